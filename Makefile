@@ -1,0 +1,50 @@
+# Tally developer commands. `make run` and `make test` are the README's quick start.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := $(TOOLS)/node/node_modules/.bin/buf
+UV_VERSION := 0.13.8
+BUF_VERSION := 1.75.0
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: env gen run test lint fmt bench dev-token clean-test-dbs
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+env: $(VENV)/.synced  ## create or update the virtual environment from uv.lock
+
+gen: env  ## generate the protobuf/gRPC package into gen/
+	$(PY) scripts/gen_protos.py
+
+run: gen  ## start the suite as local processes (catalog for now)
+	$(PY) -m tally_launcher
+
+test: gen  ## run every test against the local PostgreSQL and RabbitMQ
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(BUF):
+	npm install --silent --prefix $(TOOLS)/node @bufbuild/buf@$(BUF_VERSION)
+
+lint: env $(BUF)  ## buf lint (STANDARD) and ruff
+	$(BUF) lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: env
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: gen  ## catalog benchmark: GetProduct/ListProducts throughput and merchant provisioning time
+	$(PY) -m tally_catalog.bench
+
+dev-token: gen  ## print a development JWT: make dev-token ROLE=admin MERCHANT=acme
+	@$(PY) -m tally_kit.auth --role $(or $(ROLE),app) $(if $(MERCHANT),--merchant $(MERCHANT))
