@@ -1,0 +1,1 @@
+"""The Tally service kit: what every Tally service stands on, written once."""
