@@ -1,0 +1,1 @@
+"""Local launcher: runs the Tally suite as processes against the local PostgreSQL and RabbitMQ."""

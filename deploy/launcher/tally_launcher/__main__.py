@@ -1,0 +1,178 @@
+"""`make run`: start every service as a process, wait until each is healthy, stream logs.
+
+Checks PostgreSQL and RabbitMQ first and says plainly what is missing instead of letting
+each service fail with a stack trace. Ctrl-C (or SIGTERM) stops every service gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tally_kit.auth import issue_dev_token
+from tally_kit.settings import ServiceSettings
+
+COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m"]
+RESET = "\033[0m"
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str
+    env_prefix: str
+    grpc_port: int
+    metrics_port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        return {
+            f"{self.env_prefix}GRPC_PORT": str(self.grpc_port),
+            f"{self.env_prefix}METRICS_PORT": str(self.metrics_port),
+            **self.env,
+        }
+
+
+SUITE: tuple[ServiceSpec, ...] = (
+    ServiceSpec("catalog", "tally_catalog", "CATALOG_", 50051, 9101),
+)
+
+
+async def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _check_dependencies(pg: tuple[str, int], amqp: tuple[str, int]) -> list[str]:
+    problems = []
+    if not await _reachable(*pg):
+        problems.append(
+            f"PostgreSQL is not answering on {pg[0]}:{pg[1]}. Start it (on Debian: "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) "
+            "or point CATALOG_PG_HOST/CATALOG_PG_PORT at a running server."
+        )
+    if not await _reachable(*amqp):
+        problems.append(
+            f"RabbitMQ is not answering on {amqp[0]}:{amqp[1]}. Start it (rabbitmq-server -detached) "
+            "or point CATALOG_AMQP_URL at a running broker."
+        )
+    return problems
+
+
+async def _pump(name: str, color: str, stream: asyncio.StreamReader, width: int) -> None:
+    prefix = f"{color}{name.ljust(width)} |{RESET} " if sys.stdout.isatty() else f"{name.ljust(width)} | "
+    while line := await stream.readline():
+        sys.stdout.write(prefix + line.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+async def _wait_healthy(port: int, process: asyncio.subprocess.Process, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while asyncio.get_running_loop().time() < deadline:
+            if process.returncode is not None:
+                return False
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            await asyncio.sleep(0.25)
+    return False
+
+
+async def _stop(processes: dict[str, asyncio.subprocess.Process]) -> None:
+    for process in processes.values():
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    for name, process in processes.items():
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            print(f"{name} did not stop within {STOP_TIMEOUT_SECONDS:.0f}s; killing it", flush=True)
+            process.kill()
+            await process.wait()
+
+
+async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> int:
+    settings = ServiceSettings()
+    amqp = settings.amqp_url.get_secret_value()
+    amqp_host_port = amqp.rsplit("@", 1)[-1].split("/", 1)[0]
+    amqp_host, _, amqp_port = amqp_host_port.partition(":")
+    problems = await _check_dependencies((settings.pg_host, settings.pg_port), (amqp_host, int(amqp_port or 5672)))
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+
+    width = max(len(s.name) for s in services)
+    processes: dict[str, asyncio.subprocess.Process] = {}
+    pumps: list[asyncio.Task[None]] = []
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        for index, spec in enumerate(services):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                spec.module,
+                env={**os.environ, **spec.environment(), "PYTHONUNBUFFERED": "1"},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+            )
+            processes[spec.name] = process
+            assert process.stdout is not None
+            pumps.append(asyncio.create_task(_pump(spec.name, COLORS[index % len(COLORS)], process.stdout, width)))
+            if not await _wait_healthy(spec.grpc_port, process, health_timeout):
+                print(f"error: {spec.name} did not become healthy within {health_timeout:.0f}s", file=sys.stderr)
+                return 1
+            print(f"{spec.name} is serving on 127.0.0.1:{spec.grpc_port} (metrics :{spec.metrics_port})", flush=True)
+
+        token = issue_dev_token(settings, role="platform", merchant_id=None, subject="launcher")
+        print("\nTally is running. Press Ctrl-C to stop.", flush=True)
+        print(f"development token (platform role, 1 h):\n{token}\n", flush=True)
+
+        exited = [asyncio.create_task(p.wait()) for p in processes.values()]
+        stopper = asyncio.create_task(stop_requested.wait())
+        done, _ = await asyncio.wait([stopper, *exited], return_when=asyncio.FIRST_COMPLETED)
+        if stopper not in done:
+            dead = [name for name, p in processes.items() if p.returncode is not None]
+            print(f"error: {', '.join(dead)} exited; stopping the suite", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        await _stop(processes)
+        for pump in pumps:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(pump, 2.0)
+        print("stopped.", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--health-timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    return asyncio.run(launch(SUITE, args.health_timeout))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
