@@ -1,0 +1,73 @@
+"""The RabbitMQ topology of Tally events, declared in one place.
+
+One durable topic exchange carries every event. Each consuming service owns:
+
+- `<service>.events`: a durable quorum queue bound to the routing keys it handles;
+- `<service>.dlx`: a fanout exchange its queue dead-letters into;
+- `<service>.parking`: a durable quorum queue bound to that exchange, where poison
+  messages are kept (never dropped) until an operator inspects and replays them.
+
+Dead-lettering is `at-least-once` (RabbitMQ >= 3.10, quorum queues, the `stream_queue`
+feature flag): the source queue keeps a rejected message until the parking queue has
+confirmed it, so a broker failure during dead-lettering cannot lose it. That strategy
+requires `x-overflow: reject-publish`; with no length limit set, overflow never applies.
+
+Queue arguments cannot change once a queue exists (a redeclaration with other values is
+refused with PRECONDITION_FAILED); change a deployed delivery limit through a policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+
+def events_queue_name(service: str) -> str:
+    return f"{service}.events"
+
+
+def dead_letter_exchange_name(service: str) -> str:
+    return f"{service}.dlx"
+
+
+def parking_queue_name(service: str) -> str:
+    return f"{service}.parking"
+
+
+async def declare_events_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
+    return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+async def declare_consumer_topology(
+    channel: AbstractChannel,
+    *,
+    exchange: str,
+    service: str,
+    routing_keys: Iterable[str],
+    delivery_limit: int,
+) -> AbstractQueue:
+    """Declare the exchange, the service's queue, bindings, DLX and parking queue; return the queue."""
+    events_exchange = await declare_events_exchange(channel, exchange)
+    dead_letters = await channel.declare_exchange(
+        dead_letter_exchange_name(service), aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    parking = await channel.declare_queue(
+        parking_queue_name(service), durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await parking.bind(dead_letters)
+    queue = await channel.declare_queue(
+        events_queue_name(service),
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": dead_letter_exchange_name(service),
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": delivery_limit,
+        },
+    )
+    for routing_key in routing_keys:
+        await queue.bind(events_exchange, routing_key)
+    return queue
