@@ -1,0 +1,1 @@
+"""Tally catalog service: merchants, products and prices, operation types, subscription plans."""
