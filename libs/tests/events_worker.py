@@ -1,9 +1,8 @@
 """Harness of the events tests, and the relay or consumer process their crash tests kill.
 
-As a module (loaded by `test_events_layer.py`): merchant test databases with the kit's
-outbox and inbox tables plus an `effects` table, `PoolDatabases` (the `MerchantDatabases`
-protocol over one small asyncpg pool per merchant database), and the handler whose
-effect the tests count.
+As a module (loaded by `test_events_layer.py`): `PoolDatabases`, the `MerchantDatabases`
+protocol over merchant test databases holding the kit's outbox and inbox tables plus an
+`effects` table, and the handler whose effect the tests count.
 
 As a script, with settings from `TALLY_*` variables (`TALLY_FAILPOINTS` arms failpoints):
 
@@ -30,6 +29,7 @@ import tally_kit
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 from tally.common.v1.event_pb2 import EventEnvelope
+from tally_kit.errors import NotFound
 from tally_kit.events import EventConsumer, OutboxRelay
 from tally_kit.events.topology import dead_letter_exchange_name, events_queue_name, parking_queue_name
 from tally_kit.settings import ServiceSettings
@@ -66,55 +66,64 @@ async def _connect(settings: ServiceSettings, database: str) -> asyncpg.Connecti
     )
 
 
-async def create_merchant_databases(settings: ServiceSettings, merchant_ids: list[str]) -> None:
-    admin = await _connect(settings, "postgres")
-    try:
-        for merchant_id in merchant_ids:
-            await admin.execute(f'CREATE DATABASE "{database_name(settings, merchant_id)}"')
-    finally:
-        await admin.close()
-    for merchant_id in merchant_ids:
-        conn = await _connect(settings, database_name(settings, merchant_id))
-        try:
-            for migration in EVENTS_SCHEMA:
-                await conn.execute(migration.read_text())
-            await conn.execute(EFFECTS_TABLE)
-        finally:
-            await conn.close()
-
-
 class PoolDatabases:
-    """`MerchantDatabases` over one small pool per merchant test database."""
+    """`MerchantDatabases` over one small pool per merchant test database.
 
-    def __init__(self, pools: dict[str, asyncpg.Pool]) -> None:
-        self._pools = pools
+    Like `MerchantDirectory`, it raises `NotFound` for a merchant it has no database for
+    and creates one with `provision`.
+    """
 
-    @classmethod
-    async def open(cls, settings: ServiceSettings, merchant_ids: list[str]) -> PoolDatabases:
-        pools = {}
-        for merchant_id in merchant_ids:
-            pools[merchant_id] = await asyncpg.create_pool(
-                host=settings.pg_host,
-                port=settings.pg_port,
-                user=settings.pg_user,
-                password=settings.pg_password.get_secret_value() or None,
-                database=database_name(settings, merchant_id),
-                min_size=0,
-                max_size=3,
-            )
-        return cls(pools)
+    def __init__(self, settings: ServiceSettings) -> None:
+        self._settings = settings
+        self._pools: dict[str, asyncpg.Pool] = {}
+        self._provisioning = asyncio.Lock()
+
+    async def provision(self, merchant_id: str) -> None:
+        """Create the merchant's database with the outbox, inbox and effects tables, once."""
+        async with self._provisioning:
+            if merchant_id in self._pools:
+                return
+            database = database_name(self._settings, merchant_id)
+            admin = await _connect(self._settings, "postgres")
+            try:
+                await admin.execute(f'CREATE DATABASE "{database}"')
+            finally:
+                await admin.close()
+            conn = await _connect(self._settings, database)
+            try:
+                for migration in EVENTS_SCHEMA:
+                    await conn.execute(migration.read_text())
+                await conn.execute(EFFECTS_TABLE)
+            finally:
+                await conn.close()
+            await self.attach(merchant_id)
+
+    async def attach(self, merchant_id: str) -> None:
+        """Open a pool to the merchant's existing database."""
+        self._pools[merchant_id] = await asyncpg.create_pool(
+            host=self._settings.pg_host,
+            port=self._settings.pg_port,
+            user=self._settings.pg_user,
+            password=self._settings.pg_password.get_secret_value() or None,
+            database=database_name(self._settings, merchant_id),
+            min_size=0,
+            max_size=3,
+        )
 
     async def merchant_ids(self) -> list[str]:
         return list(self._pools)
 
     @asynccontextmanager
     async def transaction(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
-        async with self._pools[merchant_id].acquire() as conn, conn.transaction():
+        async with self.connection(merchant_id) as conn, conn.transaction():
             yield conn
 
     @asynccontextmanager
     async def connection(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
-        async with self._pools[merchant_id].acquire() as conn:
+        pool = self._pools.get(merchant_id)
+        if pool is None:
+            raise NotFound(f"merchant '{merchant_id}' not found", reason="MERCHANT_NOT_FOUND")
+        async with pool.acquire() as conn:
             yield conn
 
     async def close(self) -> None:
@@ -139,7 +148,9 @@ async def delete_consumer_topology(channel: aio_pika.abc.AbstractChannel, servic
 
 async def _serve(arguments: argparse.Namespace) -> None:
     settings = ServiceSettings()
-    databases = await PoolDatabases.open(settings, arguments.merchants.split(","))
+    databases = PoolDatabases(settings)
+    for merchant_id in arguments.merchants.split(","):
+        await databases.attach(merchant_id)
     if arguments.role == "relay":
         component: OutboxRelay | EventConsumer = OutboxRelay(settings, databases, producer=arguments.producer)
     else:

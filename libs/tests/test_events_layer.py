@@ -84,14 +84,13 @@ def settings() -> ServiceSettings:
 
 @pytest.fixture(scope="module")
 async def databases(settings: ServiceSettings) -> AsyncIterator[MerchantDatabases]:
+    pools = worker.PoolDatabases(settings)
     try:
-        await worker.create_merchant_databases(settings, MERCHANTS)
-        pools = await worker.PoolDatabases.open(settings, MERCHANTS)
-        try:
-            yield pools
-        finally:
-            await pools.close()
+        for merchant_id in MERCHANTS:
+            await pools.provision(merchant_id)
+        yield pools
     finally:
+        await pools.close()
         await drop_databases(settings, settings.db_prefix)
 
 
@@ -464,6 +463,40 @@ async def test_poison_messages_are_parked_while_the_next_ones_are_handled(
     assert await effects_of(databases, "acme", refused.event_id) == 0
     assert sample("tally_events_parked_total", queue=parking_queue_name(service)) == parked_before + 3
     assert await ready_messages(channel, consumer.queue_name) == 0
+
+
+async def test_an_unknown_merchants_event_is_parked_unless_the_service_provisions_it(
+    settings: ServiceSettings,
+    databases: MerchantDatabases,
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
+    service: str,
+) -> None:
+    handlers = {EVENT_TYPE: worker.record_effect}
+    before_provisioning = new_envelope("initech", "before")
+    async with running(EventConsumer(settings, databases, service=service, handlers=handlers)):
+        await publish_envelope(exchange, before_provisioning)
+        parking = await channel.declare_queue(parking_queue_name(service), passive=True)
+        [parked] = await receive(parking, 1)
+    assert parked.message_id == before_provisioning.event_id
+    assert "initech" not in await databases.merchant_ids()
+
+    provisioning = EventConsumer(
+        settings,
+        databases,
+        service=service,
+        handlers=handlers,
+        prepare_merchant=databases.provision,  # type: ignore[attr-defined]
+    )
+    first_sight = new_envelope("initech", "first sight")
+
+    async def provisioned_with_one_effect(merchant_id: str, event_id: str) -> bool:
+        provisioned = merchant_id in await databases.merchant_ids()
+        return provisioned and await has_one_effect(databases, merchant_id, event_id)
+
+    async with running(provisioning):
+        await publish_envelope(exchange, first_sight)
+        await eventually(lambda: provisioned_with_one_effect("initech", first_sight.event_id))
 
 
 async def test_failures_are_retried_and_duplicates_acknowledged_without_effect(

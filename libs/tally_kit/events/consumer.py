@@ -11,20 +11,20 @@ Failures:
 - transient (PostgreSQL connection loss or overload, serialization failure or deadlock,
   timeouts, `Unavailable`, `Aborted`): wait with exponential backoff, then requeue; the
   queue counts deliveries;
-- poison (undecodable envelope, no handler, unknown payload type, any other
-  `TallyError`): rejected without requeue, so RabbitMQ dead-letters it to the service's
-  parking queue; logged and counted, never dropped, and the next messages keep flowing;
+- poison (undecodable envelope, no handler, a payload type whose generated module the
+  process has not imported, any other `TallyError`): rejected without requeue, so
+  RabbitMQ dead-letters it to the service's parking queue; logged and counted, never
+  dropped, and the next messages keep flowing;
 - anything else (a bug, bad data): retried like a transient error, and parked by the
   attempt that reaches `consumer_delivery_limit`.
 The queue's `x-delivery-limit` is the backstop for a message that kills its consumer
 before it can be rejected: past the limit RabbitMQ dead-letters it by itself (visible in
 the parking queue's depth and its `x-death` header, not in this process's metrics).
 
-The event's merchant database is whatever `MerchantDatabases.transaction` gives for its
-merchant id: with `MerchantDirectory` an unseen merchant's database is created and
-migrated on first use. A service that must refuse events for merchants it has not
-provisioned raises `NotFound` (or another `TallyError`) from its handler, which parks the
-event; one that expects the provisioning event shortly raises `Unavailable` to retry.
+Events of a merchant this service has no database for: `MerchantDirectory.transaction`
+raises `NotFound`, so by default such an event is parked. A service that provisions
+merchants on first sight passes `prepare_merchant=directory.provision`, which runs before
+the event's transaction opens (its own failures are classified like the handler's).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class EventConsumer:
         *,
         service: str,
         handlers: Mapping[str, Handler],
+        prepare_merchant: Callable[[str], Awaitable[object]] | None = None,
         retry_backoff_seconds: float = 0.5,
         retry_backoff_max_seconds: float = 30.0,
     ) -> None:
@@ -96,6 +97,7 @@ class EventConsumer:
         self._databases = databases
         self._service = service
         self._handlers = dict(handlers)
+        self._prepare_merchant = prepare_merchant
         self._retry_backoff_seconds = retry_backoff_seconds
         self._retry_backoff_max_seconds = retry_backoff_max_seconds
         self._parking_queue = parking_queue_name(service)
@@ -163,6 +165,8 @@ class EventConsumer:
         context.merchant_id.set(envelope.merchant_id)
         started = time.perf_counter()
         try:
+            if self._prepare_merchant is not None:
+                await self._prepare_merchant(envelope.merchant_id)
             async with self._databases.transaction(envelope.merchant_id) as conn:
                 first_delivery = await conn.fetchval(
                     _RECORD_IN_INBOX,

@@ -81,7 +81,7 @@ class OutboxRelay:
         # Merchants notified and not yet drained, in notification order (a dict as an ordered set).
         self._notified: dict[str, None] = {}
         self._wakeup = asyncio.Event()
-        self._stopping = False
+        self._stopping = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._fast_path: asyncio.Task[None] | None = None
@@ -100,7 +100,7 @@ class OutboxRelay:
 
     def notify(self, merchant_id: str) -> None:
         """Ask for the merchant's pending events to be published now; never blocks."""
-        if self._stopping:
+        if self._stopping.is_set():
             # Too late for this process; the rows stay pending for the next start-up sweep.
             log.warning("outbox relay stopping; events of merchant %s left for the next sweep", merchant_id)
             return
@@ -108,19 +108,21 @@ class OutboxRelay:
         self._wakeup.set()
 
     async def stop(self) -> None:
-        """Stop sweeping, publish what was notified and is still pending, then disconnect.
+        """Publish what was notified and is still pending, end a running sweep, then disconnect.
 
-        The flush is bounded by `shutdown_grace_seconds`; whatever it could not publish
-        stays in the outbox and is published by the next start-up sweep.
+        A sweep in progress stops after the merchant it is on, rather than being cut off
+        between publishing and marking (which would publish those events again later).
+        All of it is bounded by `shutdown_grace_seconds`; what is left stays in the outbox
+        for the next start-up sweep.
         """
         assert self._connection is not None and self._fast_path is not None and self._safety_net is not None
-        self._stopping = True
-        self._safety_net.cancel()
-        with suppress(asyncio.CancelledError):
-            await self._safety_net
+        self._stopping.set()
         self._wakeup.set()
         try:
-            await asyncio.wait_for(self._fast_path, timeout=self._settings.shutdown_grace_seconds)
+            await asyncio.wait_for(
+                asyncio.gather(self._fast_path, self._safety_net),
+                timeout=self._settings.shutdown_grace_seconds,
+            )
         except TimeoutError:
             log.warning("outbox flush cut short by the grace period; the next start-up sweep publishes it")
         await self._connection.close()
@@ -128,6 +130,8 @@ class OutboxRelay:
     async def sweep(self) -> None:
         """Publish every merchant database's pending events, one merchant after another."""
         for merchant_id in await self._databases.merchant_ids():
+            if self._stopping.is_set():
+                return
             try:
                 await self._publish_pending(merchant_id)
             except Exception:
@@ -143,16 +147,19 @@ class OutboxRelay:
                 merchant_id = next(iter(self._notified))
                 del self._notified[merchant_id]
                 await self._publish_with_retry(merchant_id)
-            if self._stopping:
+            if self._stopping.is_set():
                 return
 
     async def _run_sweeps(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.sweep()
             except Exception:
                 log.exception("outbox sweep failed")
-            await asyncio.sleep(self._settings.outbox_sweep_interval_seconds)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), timeout=self._settings.outbox_sweep_interval_seconds
+                )
 
     async def _publish_with_retry(self, merchant_id: str) -> None:
         # Retry through broker and database outages for up to one sweep interval; past it
