@@ -4,14 +4,16 @@ A service's `__main__` is typically:
 
     def build() -> ServiceApp:
         settings = CatalogSettings()
-        servicer = CatalogServicer(...)
+        ...  # the servicer and what it needs (databases, event relay)
         return ServiceApp(
             settings,
-            services=[ServiceRegistration(
-                "tally.catalog.v1.CatalogService", add_CatalogServiceServicer_to_server, servicer,
-            )],
-            on_start=[directory.open],
-            on_stop=[relay.flush, directory.close],
+            services=[
+                ServiceRegistration(
+                    "tally.catalog.v1.CatalogService", add_CatalogServiceServicer_to_server, servicer
+                )
+            ],
+            on_start=[open_databases, start_relay],
+            on_stop=[flush_outbox, close_databases],
         )
 
     run(build)
