@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -212,7 +213,9 @@ async def test_pools_are_evicted_lru_and_connections_stay_under_the_ceiling(
         update={"service_name": "pools", "db_max_pools": 2, "db_pool_max_size": 3, "db_max_connections": 4}
     )
     merchants = [f"shop-{n}" for n in range(5)]
+    ceilings_before = _sample("tally_db_connections_max")
     directory = MerchantDirectory(settings)
+    assert _sample("tally_db_connections_max") == ceilings_before + 4
     await directory.start()
     try:
         for merchant_id in merchants:
@@ -253,6 +256,7 @@ async def test_pools_are_evicted_lru_and_connections_stay_under_the_ceiling(
         assert _sample("tally_db_pool_evictions_total") - evictions_before >= 3
     finally:
         await directory.close()
+    assert _sample("tally_db_connections_max") == ceilings_before
 
 
 async def test_an_evicted_pool_closes_only_after_its_connections_are_released(
@@ -316,3 +320,35 @@ async def test_a_caller_waits_for_a_connection_only_so_long(kit_settings: Servic
 def test_database_names_must_fit_postgres_identifiers(kit_settings: ServiceSettings) -> None:
     with pytest.raises(ValueError, match="too long"):
         MerchantDirectory(kit_settings.model_copy(update={"service_name": "a-very-long-service-name"}))
+
+
+async def test_migrate_all_brings_every_merchant_database_up_to_date(
+    kit_settings: ServiceSettings, tmp_path: Path
+) -> None:
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    (shop / "0001_notes.sql").write_text(
+        "CREATE TABLE notes (merchant_id text NOT NULL, body text NOT NULL);"
+    )
+    settings = kit_settings.model_copy(update={"service_name": "upgrade"})
+    before = MerchantDirectory(settings, [MigrationSource("shop", shop)])
+    await before.start()
+    try:
+        await asyncio.gather(before.provision("old-one"), before.provision("old-two"))
+    finally:
+        await before.close()
+
+    # The next release of the service ships a new migration.
+    (shop / "0002_tags.sql").write_text("ALTER TABLE notes ADD COLUMN tags text[] NOT NULL DEFAULT '{}';")
+    after = MerchantDirectory(settings, [MigrationSource("shop", shop)])
+    await after.start()
+    try:
+        assert await after.migrate_all() == {
+            "old-one": ["shop/0002_tags.sql"],
+            "old-two": ["shop/0002_tags.sql"],
+        }
+        assert await after.migrate_all() == {"old-one": [], "old-two": []}
+        async with after.connection("old-two") as conn:
+            await conn.execute("INSERT INTO notes (merchant_id, body, tags) VALUES ('old-two', 'x', '{a}')")
+    finally:
+        await after.close()

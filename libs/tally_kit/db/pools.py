@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 _IDLE_CONNECTION_LIFETIME_SECONDS = 60.0
 
 POOLS_OPEN = Gauge("tally_db_pools_open", "Database connection pools open, evicted ones until they close")
+CONNECTIONS_MAX = Gauge("tally_db_connections_max", "Ceiling on the database connections the process holds")
 CONNECTIONS_OPEN = Gauge("tally_db_connections_open", "Database connections open across every pool")
 CONNECTIONS_IN_USE = Gauge("tally_db_connections_in_use", "Database connections checked out by callers")
 POOL_EVICTIONS = Counter(
@@ -90,7 +91,9 @@ class BoundedPools:
         self._pool_max_size = pool_max_size
         self._acquire_timeout = acquire_timeout
         self._command_timeout = command_timeout
+        self._max_connections = max_connections
         self._slots = asyncio.Semaphore(max_connections)
+        CONNECTIONS_MAX.inc(max_connections)
         self._slot_waiters = 0
         # Evictable pools, least recently used first.
         self._pools: OrderedDict[DatabaseAddress, _PoolEntry] = OrderedDict()
@@ -150,7 +153,10 @@ class BoundedPools:
 
     async def close(self) -> None:
         """Closes every pool, each once its connections in use are released."""
+        if self._closed:
+            return
         self._closed = True
+        CONNECTIONS_MAX.dec(self._max_connections)
         entries = [*self._pinned.values(), *self._pools.values(), *self._draining]
         self._pinned.clear()
         self._pools.clear()
