@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import os
 import secrets
+import shutil
 import signal
 import sys
 import uuid
@@ -158,7 +159,7 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], *, within: flo
         await asyncio.sleep(0.05)
 
 
-async def receive(queue: AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
+async def receive(queue: AbstractQueue, count: int, *, within: float = 10.0) -> list[AbstractIncomingMessage]:
     """Take exactly `count` messages off the queue (acknowledged), waiting for them to arrive."""
     messages: list[AbstractIncomingMessage] = []
 
@@ -168,7 +169,7 @@ async def receive(queue: AbstractQueue, count: int) -> list[AbstractIncomingMess
             messages.append(message)
         return len(messages) >= count
 
-    await eventually(received_all)
+    await eventually(received_all, within=within)
     assert len(messages) == count
     return messages
 
@@ -418,6 +419,33 @@ async def test_two_relays_over_one_outbox_publish_each_event_once(
     assert await queue.get(fail=False) is None
     # Both relays took part: the test really ran them side by side.
     assert {message.app_id for message in messages} == {"relay-0", "relay-1"}
+
+
+async def rabbitmqctl(*arguments: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", *arguments, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to cut a connection")
+async def test_the_relay_rides_out_a_broker_connection_loss(
+    settings: ServiceSettings, databases: MerchantDatabases, channel: AbstractChannel, service: str
+) -> None:
+    queue = await declare_queue(settings, channel, service)
+    producer = f"{service}-producer"
+    async with running(OutboxRelay(settings, databases, producer=producer)) as relay:
+        connections = await rabbitmqctl("list_connections", "pid", "client_properties")
+        [relay_connection] = [line.split("\t")[0] for line in connections.splitlines() if producer in line]
+        await rabbitmqctl("close_connection", relay_connection, "broker outage in a test")
+
+        event_id = await write_event(databases, "acme", StringValue(value="through the outage"))
+        relay.notify("acme")
+        [message] = await receive(queue, 1, within=20)
+    assert message.message_id == event_id
+    assert await is_published(databases, "acme", event_id)
 
 
 # --- consumer ----------------------------------------------------------------------------

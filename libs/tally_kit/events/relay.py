@@ -236,7 +236,10 @@ class OutboxRelay:
                 reason = "broker_unavailable"
             metrics.outbox_publish_failures.labels(reason).inc()
             reasons[reason] = reasons.get(reason, 0) + 1
-        log.error(
+        # The broker being away is retried by itself; unroutable or refused events need an operator.
+        level = logging.WARNING if set(reasons) == {"broker_unavailable"} else logging.ERROR
+        log.log(
+            level,
             "%d outbox events of merchant %s not published (%s); they stay pending: %s",
             len(failures),
             merchant_id,
