@@ -1,0 +1,82 @@
+"""RabbitMQ definitions agree with the topology the kit declares (tally_kit/events/topology.py).
+
+The services declare their exchange and queues themselves; definitions.json pre-declares them on
+a fresh broker. RabbitMQ refuses a redeclaration whose arguments differ (PRECONDITION_FAILED), so
+every queue here must carry exactly the kit's arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .conftest import DEPLOY, REPO
+
+DEFINITIONS = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+SETTINGS = (REPO / "libs" / "tally_kit" / "settings.py").read_text()
+
+
+def _setting_default(name: str) -> str:
+    match = re.search(rf"^\s+{name}: \w+ = (?:Field\()?\"?([^,\")]+)", SETTINGS, re.MULTILINE)
+    assert match is not None, f"{name} is not a ServiceSettings field"
+    return match.group(1)
+
+
+def _by_name(kind: str) -> dict[str, dict]:
+    return {item["name"]: item for item in DEFINITIONS[kind]}
+
+
+def test_the_events_exchange_is_the_durable_topic_exchange_services_publish_to() -> None:
+    exchange = _by_name("exchanges")[_setting_default("events_exchange")]
+    assert exchange == {
+        "name": "tally.events",
+        "vhost": "/",
+        "type": "topic",
+        "durable": True,
+        "auto_delete": False,
+        "internal": False,
+        "arguments": {},
+    }
+
+
+def test_each_consumer_queue_dead_letters_into_its_parking_queue_with_the_kits_arguments() -> None:
+    exchanges = _by_name("exchanges")
+    queues = _by_name("queues")
+    delivery_limit = int(_setting_default("consumer_delivery_limit"))
+    bindings = {(b["source"], b["destination"]) for b in DEFINITIONS["bindings"]}
+    for name, queue in queues.items():
+        service, _, role = name.partition(".")
+        assert role in {"events", "parking"}, f"{name}: queues are <service>.events or <service>.parking"
+        assert queue["durable"] and not queue["auto_delete"], name
+        if role == "parking":
+            assert queue["arguments"] == {"x-queue-type": "quorum"}, name
+            assert (f"{service}.dlx", name) in bindings, f"{name} is not bound to {service}.dlx"
+            continue
+        assert queue["arguments"] == {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": f"{service}.dlx",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": delivery_limit,
+        }, name
+        assert f"{service}.parking" in queues, f"{name} has no parking queue"
+        dlx = exchanges[f"{service}.dlx"]
+        assert (dlx["type"], dlx["durable"]) == ("fanout", True)
+        assert any(source == "tally.events" and dest == name for source, dest in bindings), (
+            f"{name} is bound to no routing key of tally.events"
+        )
+
+
+def test_definitions_carry_no_users_or_credentials() -> None:
+    assert "users" not in DEFINITIONS and "permissions" not in DEFINITIONS
+    assert not re.search(r"password", json.dumps(DEFINITIONS), re.IGNORECASE)
+
+
+def test_broker_config_does_not_import_definitions_at_boot() -> None:
+    # A boot-time import stops RabbitMQ from seeding RABBITMQ_DEFAULT_USER, the only user there is.
+    config = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text()
+    settings = [
+        line.split("=", 1)[0].strip() for line in config.splitlines() if "=" in line and line[0] != "#"
+    ]
+    assert "load_definitions" not in settings and "definitions.local.path" not in settings
+    assert settings, "the file configures the broker"
