@@ -91,7 +91,7 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
             algorithm = header.get("alg")
-            if algorithm not in self._algorithms:
+            if not isinstance(algorithm, str) or algorithm not in self._algorithms:
                 raise Unauthenticated(f"token algorithm {algorithm!r} is not allowed", reason="TOKEN_INVALID")
             claims = jwt.decode(
                 token,

@@ -92,7 +92,8 @@ def open_channel(
         breaker=pybreaker.CircuitBreaker(
             fail_max=breaker.failure_threshold,
             reset_timeout=breaker.reset_timeout_seconds,
-            # Anything but an outage (a NOT_FOUND, a cancellation) proves the callee answers.
+            # Only outages count against the callee; any other outcome (an answer such as
+            # NOT_FOUND, or the caller cancelling) counts as a success.
             exclude=[lambda exc: not _is_outage(exc)],
             name=name,
             # The call that trips the circuit still raises its own error.

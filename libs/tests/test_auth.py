@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -50,6 +51,15 @@ def claims(**overrides: Any) -> dict[str, Any]:
     return {key: value for key, value in base.items() if value is not None}
 
 
+def hand_made(header: dict[str, Any], payload: dict[str, Any]) -> str:
+    """A token PyJWT would refuse to encode, e.g. with a malformed header."""
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part(payload)}.c2lnbmF0dXJl"
+
+
 def refusal_reason(verifier: TokenVerifier, token: str) -> str:
     with pytest.raises(Unauthenticated) as raised:
         verifier.verify(token)
@@ -83,6 +93,9 @@ def test_dev_token_round_trips() -> None:
         pytest.param(jwt.encode(claims(), None, algorithm="none"), "TOKEN_INVALID", id="alg-none"),
         pytest.param(
             jwt.encode(claims(), SECRET * 2, algorithm="HS512"), "TOKEN_INVALID", id="alg-not-allowed"
+        ),
+        pytest.param(
+            hand_made({"alg": ["HS256"], "typ": "JWT"}, claims()), "TOKEN_INVALID", id="alg-not-a-string"
         ),
         pytest.param(jwt.encode(claims(exp=None), SECRET), "TOKEN_INVALID", id="no-exp"),
         pytest.param(jwt.encode(claims(aud=None), SECRET), "TOKEN_INVALID", id="no-aud"),
