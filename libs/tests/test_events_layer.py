@@ -30,6 +30,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from prometheus_client import REGISTRY
 from tally.common.v1.event_pb2 import EventEnvelope
 from tally_kit import context, errors
+from tally_kit.db import MerchantDirectory
 from tally_kit.events import (
     CONTENT_TYPE,
     EventConsumer,
@@ -607,6 +608,42 @@ async def test_stop_lets_in_flight_handlers_finish(
     await consumer.stop()
     assert await has_one_effect(databases, "acme", envelope.event_id)
     assert await ready_messages(channel, consumer.queue_name) == 0
+
+
+async def test_the_merchant_directory_serves_relay_and_consumer(
+    settings: ServiceSettings, exchange: AbstractExchange, service: str
+) -> None:
+    """The kit's `MerchantDirectory` satisfies `MerchantDatabases`, with the kit migrations applied."""
+    directory = MerchantDirectory(
+        settings.model_copy(update={"service_name": "evdir", "db_pool_max_size": 2, "db_max_connections": 4})
+    )
+    handled: list[str] = []
+
+    async def remember(conn: asyncpg.Connection, envelope: EventEnvelope, payload: Message) -> None:
+        handled.append(envelope.event_id)
+
+    await directory.start()
+    try:
+        consumer = EventConsumer(
+            settings,
+            directory,
+            service=service,
+            handlers={EVENT_TYPE: remember},
+            prepare_merchant=directory.provision,
+        )
+        async with running(consumer), running(OutboxRelay(settings, directory, producer="test")) as relay:
+            # The consumer provisions the merchant on first sight; the producer's write then finds it.
+            first = new_envelope("hooli", "first sight")
+            await publish_envelope(exchange, first)
+            await eventually(lambda: handled == [first.event_id])
+            event_id = await write_event(directory, "hooli", StringValue(value="through the directory"))
+            relay.notify("hooli")
+            await eventually(lambda: handled == [first.event_id, event_id])
+            await eventually(lambda: is_published(directory, "hooli", event_id))
+        inbox = await fetch_value(directory, "hooli", "SELECT count(*) FROM inbox")
+        assert inbox == 2
+    finally:
+        await directory.close()
 
 
 # --- exactly once across crashes --------------------------------------------------------

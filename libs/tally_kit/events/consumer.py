@@ -36,7 +36,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf.message import DecodeError, Message
@@ -46,7 +45,12 @@ from tally_kit import context, errors
 from tally_kit.events import metrics
 from tally_kit.events.databases import MerchantDatabases
 from tally_kit.events.envelope import UnknownPayloadType, unpack_payload
-from tally_kit.events.topology import declare_consumer_topology, events_queue_name, parking_queue_name
+from tally_kit.events.topology import (
+    connect,
+    declare_consumer_topology,
+    events_queue_name,
+    parking_queue_name,
+)
 from tally_kit.failpoints import failpoint
 from tally_kit.settings import ServiceSettings
 
@@ -112,10 +116,7 @@ class EventConsumer:
 
     async def start(self) -> None:
         """Connect, declare the service's topology and start consuming."""
-        self._connection = await aio_pika.connect_robust(
-            self._settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"{self._service} event consumer"},
-        )
+        self._connection = await connect(self._settings, f"{self._service} event consumer")
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._settings.consumer_prefetch)
         self._queue = await declare_consumer_topology(

@@ -40,7 +40,7 @@ from tenacity import AsyncRetrying, before_sleep_log, stop_after_delay, wait_exp
 from tally_kit.events import metrics
 from tally_kit.events.databases import MerchantDatabases
 from tally_kit.events.envelope import CONTENT_TYPE
-from tally_kit.events.topology import declare_events_exchange
+from tally_kit.events.topology import connect, declare_events_exchange
 from tally_kit.failpoints import failpoint
 from tally_kit.settings import ServiceSettings
 
@@ -89,10 +89,7 @@ class OutboxRelay:
 
     async def start(self) -> None:
         """Connect, then run the fast path and the sweeps (the first one right away) in the background."""
-        self._connection = await aio_pika.connect_robust(
-            self._settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"{self._producer} outbox relay"},
-        )
+        self._connection = await connect(self._settings, f"{self._producer} outbox relay")
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._exchange = await declare_events_exchange(channel, self._settings.events_exchange)
         self._fast_path = asyncio.create_task(self._run_fast_path(), name="outbox-relay-fast-path")
