@@ -483,8 +483,7 @@ def create_product(request: api.CreateProductRequest) -> CreateProduct:
     )
 
 
-def _product_ref(merchant_id: str, product_id: str) -> ProductRef:
-    violations = Violations()
+def _product_ref(violations: Violations, merchant_id: str, product_id: str) -> ProductRef:
     _merchant_id(violations, merchant_id)
     parsed = _uuid(violations, "product_id", product_id)
     violations.raise_if_any()
@@ -493,14 +492,13 @@ def _product_ref(merchant_id: str, product_id: str) -> ProductRef:
 
 
 def get_product(request: api.GetProductRequest) -> ProductRef:
-    return _product_ref(request.merchant_id, request.product_id)
+    return _product_ref(Violations(), request.merchant_id, request.product_id)
 
 
 def archive_product(request: api.ArchiveProductRequest) -> ProductRef:
     violations = Violations()
     validate_request_id(violations, request.request_id)
-    violations.raise_if_any()
-    return _product_ref(request.merchant_id, request.product_id)
+    return _product_ref(violations, request.merchant_id, request.product_id)
 
 
 def list_products(request: api.ListProductsRequest) -> ListProducts:
