@@ -34,7 +34,12 @@ test: gen  ## run every test against the local PostgreSQL and RabbitMQ
 $(BUF):
 	npm install --silent --prefix $(TOOLS)/node @bufbuild/buf@$(BUF_VERSION)
 
-lint: env $(BUF)  ## buf lint (STANDARD) and ruff
+PROTODEPS := $(TOOLS)/protodeps
+
+$(PROTODEPS): $(VENV)/.synced
+	$(PY) scripts/copy_proto_deps.py $@
+
+lint: env $(BUF) $(PROTODEPS)  ## buf lint (STANDARD) and ruff
 	$(BUF) lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tally_kit.auth import issue_dev_token
 from tally_kit.settings import ServiceSettings
 
@@ -42,14 +41,12 @@ class ServiceSpec:
         }
 
 
-SUITE: tuple[ServiceSpec, ...] = (
-    ServiceSpec("catalog", "tally_catalog", "CATALOG_", 50051, 9101),
-)
+SUITE: tuple[ServiceSpec, ...] = (ServiceSpec("catalog", "tally_catalog", "CATALOG_", 50051, 9101),)
 
 
-async def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
+async def _reachable(host: str, port: int, wait_seconds: float = 2.0) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait_seconds)
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -81,8 +78,8 @@ async def _pump(name: str, color: str, stream: asyncio.StreamReader, width: int)
         sys.stdout.flush()
 
 
-async def _wait_healthy(port: int, process: asyncio.subprocess.Process, timeout: float) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _wait_healthy(port: int, process: asyncio.subprocess.Process, wait_seconds: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + wait_seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while asyncio.get_running_loop().time() < deadline:
@@ -114,7 +111,9 @@ async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> in
     amqp = settings.amqp_url.get_secret_value()
     amqp_host_port = amqp.rsplit("@", 1)[-1].split("/", 1)[0]
     amqp_host, _, amqp_port = amqp_host_port.partition(":")
-    problems = await _check_dependencies((settings.pg_host, settings.pg_port), (amqp_host, int(amqp_port or 5672)))
+    problems = await _check_dependencies(
+        (settings.pg_host, settings.pg_port), (amqp_host, int(amqp_port or 5672))
+    )
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -140,11 +139,18 @@ async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> in
             )
             processes[spec.name] = process
             assert process.stdout is not None
-            pumps.append(asyncio.create_task(_pump(spec.name, COLORS[index % len(COLORS)], process.stdout, width)))
+            pumps.append(
+                asyncio.create_task(_pump(spec.name, COLORS[index % len(COLORS)], process.stdout, width))
+            )
             if not await _wait_healthy(spec.grpc_port, process, health_timeout):
-                print(f"error: {spec.name} did not become healthy within {health_timeout:.0f}s", file=sys.stderr)
+                print(
+                    f"error: {spec.name} did not become healthy within {health_timeout:.0f}s", file=sys.stderr
+                )
                 return 1
-            print(f"{spec.name} is serving on 127.0.0.1:{spec.grpc_port} (metrics :{spec.metrics_port})", flush=True)
+            print(
+                f"{spec.name} is serving on 127.0.0.1:{spec.grpc_port} (metrics :{spec.metrics_port})",
+                flush=True,
+            )
 
         token = issue_dev_token(settings, role="platform", merchant_id=None, subject="launcher")
         print("\nTally is running. Press Ctrl-C to stop.", flush=True)
