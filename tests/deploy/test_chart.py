@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ALERT_RULES, CHART, DASHBOARDS
+from .conftest import ALERT_RULES, CHART, DASHBOARDS, load_settings, settings_fields
 
 helm = pytest.importorskip("helm_python", reason="needs the deploy toolchain: run scripts/validate_deploy.sh")
 yaml = pytest.importorskip("yaml", reason="needs the deploy toolchain: run scripts/validate_deploy.sh")
@@ -103,6 +103,17 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
+def _manifests(files: dict[str, str]) -> list[Manifest]:
+    """The objects Helm would apply: every rendered template but NOTES.txt, which it only prints."""
+    return [
+        manifest
+        for path, text in files.items()
+        if not path.endswith("NOTES.txt")
+        for manifest in yaml.safe_load_all(text)
+        if manifest
+    ]
+
+
 @pytest.fixture(scope="module")
 def chart() -> Any:
     return helm.Chart.load(str(CHART))
@@ -117,9 +128,7 @@ def render(chart: Any) -> Callable[[str], list[Manifest]]:
             values = _merge(DEFAULTS, SCENARIOS[scenario])
             chart.validate_schema(values)
             files = chart.render(values, name=RELEASE, namespace="tally", is_install=True)
-            rendered[scenario] = [
-                manifest for text in files.values() for manifest in yaml.safe_load_all(text) if manifest
-            ]
+            rendered[scenario] = _manifests(files)
         return rendered[scenario]
 
     return _render
@@ -229,6 +238,26 @@ def test_credentials_are_only_ever_secret_references(
             assert {f"{prefix}PG_PASSWORD", f"{prefix}AMQP_URL"} <= set(env)
 
 
+@pytest.mark.parametrize("scenario", ["defaults", "full"])
+def test_the_catalog_parses_the_environment_the_chart_gives_it(
+    render: Callable[[str], list[Manifest]], scenario: str
+) -> None:
+    values = _merge(DEFAULTS, SCENARIOS[scenario])
+    deployment = _of_kind(render(scenario), "Deployment")["tally-catalog"]
+    fields = settings_fields("tally_catalog")
+    environment = {}
+    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        assert item["name"].removeprefix("CATALOG_").lower() in fields, f"{item['name']} matches no setting"
+        environment[item["name"]] = item.get("value", "value-from-a-secret")
+    settings = load_settings("tally_catalog", environment)
+    assert (settings["grpc_port"], settings["metrics_port"]) == (50051, 9101)
+    assert settings["jwt_algorithms"] == values["jwt"]["algorithms"]
+    assert settings["version"] == (
+        values["image"]["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    )
+    assert settings["pg_host"] == values["postgres"]["host"]
+
+
 def test_jwks_is_mounted_as_a_file_when_configured(render: Callable[[str], list[Manifest]]) -> None:
     pod = _of_kind(render("full"), "Deployment")["tally-catalog"]["spec"]["template"]["spec"]
     env = {item["name"]: item for item in pod["containers"][0]["env"]}
@@ -326,7 +355,7 @@ def test_monitoring_objects_can_be_switched_off(chart: Any) -> None:
         },
     )
     files = chart.render(values, name=RELEASE, namespace="tally", is_install=True)
-    kinds = {m["kind"] for text in files.values() for m in yaml.safe_load_all(text) if m}
+    kinds = {manifest["kind"] for manifest in _manifests(files)}
     assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job"}
 
 

@@ -3,7 +3,6 @@ and its gRPC health check really asks a health server."""
 
 from __future__ import annotations
 
-import ast
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from concurrent import futures
 
 import pytest
 
-from .conftest import CHART, DEPLOY, REPO
+from .conftest import CHART, DEPLOY, REPO, load_settings, settings_fields
 
 yaml = pytest.importorskip("yaml", reason="needs the deploy toolchain: run scripts/validate_deploy.sh")
 grpc = pytest.importorskip("grpc", reason="needs the deploy toolchain: run scripts/validate_deploy.sh")
@@ -24,22 +23,6 @@ PROMETHEUS = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text
 
 def _kebab(key: str) -> str:
     return "".join(f"-{char.lower()}" if char.isupper() else char for char in key)
-
-
-def _settings_fields(module: str) -> set[str]:
-    """Field names of ServiceSettings and of the service's own subclass, read without importing them."""
-    sources = [REPO / "libs" / "tally_kit" / "settings.py", *REPO.glob(f"services/*/{module}/settings.py")]
-    fields: set[str] = set()
-    for source in sources:
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.ClassDef):
-                fields.update(
-                    item.target.id
-                    for item in node.body
-                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-                )
-    fields.discard("model_config")
-    return fields
 
 
 def _services() -> Iterator[tuple[str, dict, dict, dict]]:
@@ -71,11 +54,18 @@ def test_ports_match_the_chart() -> None:
 
 def test_every_variable_names_a_setting_of_the_service() -> None:
     for _name, block, serving, _migrate in _services():
-        fields = _settings_fields(block["module"])
+        fields = settings_fields(block["module"])
         prefix = block["envPrefix"]
         for variable in serving["environment"]:
             assert variable.startswith(prefix), variable
             assert variable.removeprefix(prefix).lower() in fields, f"{variable} matches no setting"
+
+
+def test_the_service_parses_its_compose_environment() -> None:
+    for name, block, serving, _migrate in _services():
+        settings = load_settings(block["module"], serving["environment"])
+        assert (settings["grpc_port"], settings["metrics_port"]) == (block["grpcPort"], block["metricsPort"])
+        assert settings["pg_host"] == "postgres" and settings["jwt_algorithms"] == ["HS256"], name
 
 
 def test_prometheus_scrapes_every_service_as_a_tally_job() -> None:
