@@ -42,7 +42,7 @@ from tally_kit.events import (
     make_envelope,
     unpack_payload,
 )
-from tally_kit.events.topology import parking_queue_name
+from tally_kit.events.topology import parking_queue_name, unrouted_exchange_name, unrouted_queue_name
 from tally_kit.settings import ServiceSettings
 from tally_kit.testing import drop_databases, unique_prefix
 
@@ -110,6 +110,8 @@ async def channel(settings: ServiceSettings) -> AsyncIterator[AbstractChannel]:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         yield channel
         await channel.exchange_delete(settings.events_exchange)
+        await channel.exchange_delete(unrouted_exchange_name(settings.events_exchange))
+        await channel.queue_delete(unrouted_queue_name(settings.events_exchange))
     finally:
         await connection.close()
 
@@ -383,23 +385,43 @@ async def test_stop_publishes_what_was_notified(
     assert sorted(message.message_id for message in await receive(queue, 3)) == sorted(event_ids)
 
 
-async def test_an_unroutable_event_stays_pending_until_a_queue_is_bound(
-    settings: ServiceSettings, databases: MerchantDatabases, channel: AbstractChannel, service: str
+async def test_an_event_nobody_consumes_is_kept_in_the_unrouted_queue(
+    settings: ServiceSettings,
+    databases: MerchantDatabases,
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
 ) -> None:
-    unbound_type = "test.nobody_listens"
-    failures_before = sample("tally_outbox_publish_failures_total", reason="unroutable")
     relay = OutboxRelay(settings, databases, producer="test")
     async with running(relay):
-        event_id = await write_event(databases, "acme", StringValue(), event_type=unbound_type)
-        await relay.sweep()
-        assert not await is_published(databases, "acme", event_id)
-        assert sample("tally_outbox_publish_failures_total", reason="unroutable") >= failures_before + 1
-
-        queue = await declare_queue(settings, channel, service, unbound_type)
+        event_id = await write_event(databases, "acme", StringValue(), event_type="test.nobody_listens")
         await relay.sweep()
         assert await is_published(databases, "acme", event_id)
-        [message] = await receive(queue, 1)
+    kept = await channel.get_queue(unrouted_queue_name(settings.events_exchange))
+    [message] = await receive(kept, 1)
     assert message.message_id == event_id
+
+
+async def test_an_event_the_broker_returns_stays_pending_until_the_topology_is_repaired(
+    settings: ServiceSettings,
+    databases: MerchantDatabases,
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
+) -> None:
+    failures_before = sample("tally_outbox_publish_failures_total", reason="unroutable")
+    relay = OutboxRelay(settings, databases, producer="test")
+    try:
+        async with running(relay):
+            await channel.queue_delete(unrouted_queue_name(settings.events_exchange))
+            event_id = await write_event(databases, "acme", StringValue(), event_type="test.nobody_listens")
+            await relay.sweep()
+            assert not await is_published(databases, "acme", event_id)
+            assert sample("tally_outbox_publish_failures_total", reason="unroutable") >= failures_before + 1
+
+            await declare_events_exchange(channel, settings.events_exchange)
+            await relay.sweep()
+            assert await is_published(databases, "acme", event_id)
+    finally:
+        await declare_events_exchange(channel, settings.events_exchange)
 
 
 async def test_two_relays_over_one_outbox_publish_each_event_once(

@@ -16,11 +16,10 @@ publishing but before marking republishes the row later: delivery is at least on
 consumers deduplicate on the event id (inbox).
 
 Publishing waits for the broker's confirm and uses `mandatory`, so an event is marked
-published only once a queue holds it. An unroutable event (no queue bound for its
-routing key) is a failure: logged, counted, and left pending for the next sweep rather
-than dropped, because a consumer whose queue is missing must still receive it once its
-queue exists. Every event type a service emits therefore needs at least one binding
-(declared by its consumers or by the broker definitions in `deploy/`).
+published only once a queue holds it: a consumer's queue, or, for an event type no
+service consumes yet, the queue behind the exchange's alternate exchange (see
+`topology`). An event returned even so (that topology is broken) is a failure: logged,
+counted, and left pending for the next sweep rather than dropped.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ feature flag): the source queue keeps a rejected message until the parking queue
 confirmed it, so a broker failure during dead-lettering cannot lose it. That strategy
 requires `x-overflow: reject-publish`; with no length limit set, overflow never applies.
 
+Events no service has bound yet are not returned to the producer: the events exchange
+has an alternate exchange `<exchange>.unrouted` whose quorum queue keeps them for
+`UNROUTED_RETENTION_DAYS` (a service added later can be back-filled from it). The relay's
+`mandatory` flag then only fires when even that queue is missing, and the event stays in
+its outbox until the topology is repaired.
+
 Queue arguments cannot change once a queue exists (a redeclaration with other values is
 refused with PRECONDITION_FAILED); change a deployed delivery limit through a policy.
 """
@@ -51,8 +57,37 @@ def parking_queue_name(service: str) -> str:
     return f"{service}.parking"
 
 
+def unrouted_exchange_name(exchange: str) -> str:
+    return f"{exchange}.unrouted"
+
+
+def unrouted_queue_name(exchange: str) -> str:
+    return f"{exchange}.unrouted"
+
+
+UNROUTED_RETENTION_DAYS = 7
+
+
 async def declare_events_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
-    return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    """Declare the topic exchange with its alternate exchange and the queue keeping unrouted events."""
+    unrouted = await channel.declare_exchange(
+        unrouted_exchange_name(name), aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    kept = await channel.declare_queue(
+        unrouted_queue_name(name),
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-message-ttl": UNROUTED_RETENTION_DAYS * 24 * 3600 * 1000,
+        },
+    )
+    await kept.bind(unrouted)
+    return await channel.declare_exchange(
+        name,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": unrouted_exchange_name(name)},
+    )
 
 
 async def declare_consumer_topology(
