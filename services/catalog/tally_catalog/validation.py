@@ -189,11 +189,10 @@ def _passes(violations: Violations, field: str, check: Callable[[], None]) -> bo
     return True
 
 
-def _merchant_id(violations: Violations, value: str) -> str:
+def _merchant_id(violations: Violations, value: str) -> None:
     violations.require(
         is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
     )
-    return value
 
 
 def _uuid(violations: Violations, field: str, value: str) -> UUID | None:
