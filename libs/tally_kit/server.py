@@ -58,9 +58,9 @@ class ServiceRegistration:
 class ServiceApp:
     """Runs a service's gRPC server from start to graceful stop.
 
-    `drain_seconds` is how long health reports NOT_SERVING while calls are still accepted
-    before the server stops taking new ones, so load balancers and readiness probes move
-    traffic away first.
+    `settings.shutdown_drain_seconds` is how long health reports NOT_SERVING while calls
+    are still accepted before the server stops taking new ones, so load balancers and
+    readiness probes move traffic away first.
     """
 
     def __init__(
@@ -70,13 +70,11 @@ class ServiceApp:
         services: Sequence[ServiceRegistration],
         on_start: Sequence[Hook] = (),
         on_stop: Sequence[Hook] = (),
-        drain_seconds: float = 0.0,
     ) -> None:
         self.settings = settings
         self._services = tuple(services)
         self._on_start = tuple(on_start)
         self._on_stop = tuple(on_stop)
-        self._drain_seconds = drain_seconds
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics: MetricsServer | None = None
@@ -125,8 +123,8 @@ class ServiceApp:
             return
         server, self._server = self._server, None
         await self._health.enter_graceful_shutdown()
-        if self._drain_seconds:
-            await asyncio.sleep(self._drain_seconds)
+        if self.settings.shutdown_drain_seconds:
+            await asyncio.sleep(self.settings.shutdown_drain_seconds)
         await server.stop(self.settings.shutdown_grace_seconds)
         for hook in self._on_stop:
             try:

@@ -22,6 +22,9 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9101, ge=0, le=65535)
     shutdown_grace_seconds: float = Field(10.0, gt=0)
+    # Health reports NOT_SERVING this long before the server stops taking calls, so
+    # Kubernetes readiness moves traffic away first.
+    shutdown_drain_seconds: float = Field(0.0, ge=0)
     log_level: str = "INFO"
 
     # PostgreSQL server where new merchant databases are placed and the control database lives.

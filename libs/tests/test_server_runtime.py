@@ -118,9 +118,9 @@ class Running:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
 
-def kit_app(servicer: KitTestServicer, **kwargs) -> ServiceApp:
+def kit_app(servicer: KitTestServicer, settings: ServiceSettings = SETTINGS, **kwargs) -> ServiceApp:
     return ServiceApp(
-        SETTINGS,
+        settings,
         services=[
             ServiceRegistration(SERVICE, kittest_pb2_grpc.add_KitTestServiceServicer_to_server, servicer)
         ],
@@ -462,7 +462,12 @@ async def test_stop_drains_finishes_in_flight_calls_then_runs_on_stop_hooks() ->
     async def on_stop() -> None:
         events.extend([f"finished before on_stop: {servicer.finished}", "on_stop"])
 
-    app = kit_app(servicer, on_start=[on_start], on_stop=[on_stop], drain_seconds=0.3)
+    app = kit_app(
+        servicer,
+        on_start=[on_start],
+        on_stop=[on_stop],
+        settings=SETTINGS.model_copy(update={"shutdown_drain_seconds": 0.3}),
+    )
     port = await app.start()
     assert events == ["on_start"]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
