@@ -80,6 +80,10 @@ class Unavailable(TallyError):
     default_reason = "UNAVAILABLE"
 
 
+class RuleViolation(ValueError):
+    """A value breaks a domain rule; the message describes the rule, for a field violation."""
+
+
 class Violations:
     """Collects every bad field of a request, then raises one InvalidArgument naming them all."""
 

@@ -1,8 +1,9 @@
 """The catalog's resources and the rules they obey.
 
-Pure: no I/O, no clock (callers pass `now`), no protobuf. Value checks raise
-`RuleViolation` with a description the validation layer attaches to the offending field;
-rules that depend on stored state raise the kit's errors with a reason.
+Pure: no I/O, no clock (callers pass `now`), no protobuf. Credits, decimals and
+currencies follow the kit's `tally_kit.amounts`. Value checks raise `RuleViolation` with
+a description the validation layer attaches to the offending field; rules that depend
+on stored state raise the kit's errors with a reason.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from decimal import Decimal
 from typing import TypeVar
 from uuid import UUID
 
-from tally_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from tally_kit.amounts import (
+    parse_decimal,
+)
+from tally_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, RuleViolation
 
-# Credits are stored as numeric(20, 6): 6 fractional digits, 14 integer digits.
-CREDITS_FRACTION_DIGITS = 6
-MAX_CREDITS = Decimal("99999999999999.999999")
 TAX_RATE_FRACTION_DIGITS = 4
 MAX_TAX_RATE_PERCENT = Decimal(100)
 
@@ -43,28 +44,7 @@ OPERATION_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 RESOURCE_UNIT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 RECEIPT_SERIES_PREFIX_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9-]{0,15}")
 REGION_CODE_PATTERN = re.compile(r"[A-Z]{2}")
-# Plain decimal notation only: digits, an optional fraction, an optional minus sign; never an
-# exponent, a NaN or an infinity, which Decimal() would otherwise accept.
-_DECIMAL_TEXT = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-# Active ISO-4217 currencies in circulation (funds, metals and test codes left out).
-ISO_4217_CURRENCIES = frozenset(
-    """
-    AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN
-    BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD
-    FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY
-    KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP
-    MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR
-    RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT
-    TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR
-    ZMW ZWG
-    """.split()
-)
-
-
-class RuleViolation(ValueError):
-    """A value breaks a catalog rule; the message describes the rule for a field violation."""
 
 
 class Distribution(enum.Enum):
@@ -243,44 +223,11 @@ class SubscriptionPlan:
 # --- values -------------------------------------------------------------------------------
 
 
-def _parse_exact_decimal(text: str, fraction_digits: int) -> Decimal:
-    if not _DECIMAL_TEXT.fullmatch(text):
-        raise RuleViolation('must be a decimal number in plain notation, such as "12.5"')
-    value = Decimal(text)
-    if value != value.quantize(Decimal(1).scaleb(-fraction_digits)):
-        raise RuleViolation(f"must have at most {fraction_digits} fractional digits")
-    return value
-
-
-def parse_credits(text: str) -> Decimal:
-    """A positive number of credits: at most 6 fractional digits, no exponent."""
-    value = _parse_exact_decimal(text, CREDITS_FRACTION_DIGITS)
-    if value <= 0:
-        raise RuleViolation("must be greater than 0")
-    if value > MAX_CREDITS:
-        raise RuleViolation(f"must be at most {MAX_CREDITS}")
-    return value
-
-
-def format_decimal(value: Decimal) -> str:
-    """Plain notation without trailing zeros: Decimal("12.500000") -> "12.5"."""
-    text = format(value, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
-
-
 def parse_tax_rate_percent(text: str) -> Decimal:
-    value = _parse_exact_decimal(text, TAX_RATE_FRACTION_DIGITS)
+    value = parse_decimal(text, TAX_RATE_FRACTION_DIGITS)
     if not 0 <= value <= MAX_TAX_RATE_PERCENT:
         raise RuleViolation("must be between 0 and 100")
     return value
-
-
-def check_currency(code: str) -> str:
-    if code not in ISO_4217_CURRENCIES:
-        raise RuleViolation("must be an ISO-4217 currency code in upper case, such as EUR")
-    return code
 
 
 def check_positive_amount(amount_minor: int) -> int:

@@ -14,6 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from tally.catalog.v1 import resources_pb2
 from tally.common.v1 import money_pb2
+from tally_kit.amounts import format_decimal
 
 from tally_catalog.domain import (
     BillingInterval,
@@ -32,7 +33,6 @@ from tally_catalog.domain import (
     ProductPrice,
     SubscriptionPlan,
     TaxRegime,
-    format_decimal,
 )
 
 DISTRIBUTIONS: dict[int, Distribution] = {

@@ -16,6 +16,7 @@ from uuid import UUID
 import asyncpg
 from tally_kit.db.migrations import MigrationSource
 from tally_kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from tally_kit.pagination import Page, PageRequest, page_of
 
 from tally_catalog.domain import (
     BillingInterval,
@@ -37,7 +38,6 @@ from tally_catalog.domain import (
     SubscriptionPlan,
     TaxRegime,
 )
-from tally_catalog.pagination import Page, PageRequest, page_of
 
 # Applied to every merchant database after the kit's own migrations.
 MIGRATIONS = MigrationSource("catalog", Path(__file__).resolve().parent / "migrations")

@@ -21,9 +21,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import resources_pb2
 from tally.common.v1 import money_pb2
+from tally_kit import amounts
 from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import Violations
 from tally_kit.idempotency import validate_request_id
+from tally_kit.pagination import PageRequest, read_page_request
 
 from tally_catalog import domain, mapping
 from tally_catalog.domain import (
@@ -39,7 +41,6 @@ from tally_catalog.domain import (
     RuleViolation,
     TaxRegime,
 )
-from tally_catalog.pagination import PageRequest, read_page_request
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -234,7 +235,7 @@ def _money(violations: Violations, field: str, present: bool, value: money_pb2.M
     amount = _rule(
         violations, f"{field}.amount_minor", lambda: domain.check_positive_amount(value.amount_minor)
     )
-    currency = _rule(violations, f"{field}.currency", lambda: domain.check_currency(value.currency))
+    currency = _rule(violations, f"{field}.currency", lambda: amounts.check_currency(value.currency))
     if amount is None or currency is None:
         return None
     return Money(amount_minor=amount, currency=currency)
@@ -244,14 +245,14 @@ def _credits(violations: Violations, field: str, present: bool, value: money_pb2
     if not present:
         violations.add(field, "is required")
         return None
-    return _rule(violations, f"{field}.value", lambda: domain.parse_credits(value.value))
+    return _rule(violations, f"{field}.value", lambda: amounts.parse_credits(value.value))
 
 
 def _optional_currency(violations: Violations, value: str) -> str | None:
     """None when empty (the caller's default applies) or invalid (recorded)."""
     if not value:
         return None
-    return _rule(violations, "currency", lambda: domain.check_currency(value))
+    return _rule(violations, "currency", lambda: amounts.check_currency(value))
 
 
 def _enum(violations: Violations, field: str, number: int, known: Mapping[int, E]) -> E | None:
@@ -376,7 +377,7 @@ _CONFIG_FIELDS: dict[str, Callable[[Violations, str, resources_pb2.MerchantConfi
     "retention_days": lambda v, f, c: _rule(
         v, f, lambda: domain.check_days(c.retention_days, minimum=1, maximum=domain.MAX_DAYS)
     ),
-    "default_currency": lambda v, f, c: _rule(v, f, lambda: domain.check_currency(c.default_currency)),
+    "default_currency": lambda v, f, c: _rule(v, f, lambda: amounts.check_currency(c.default_currency)),
 }
 
 

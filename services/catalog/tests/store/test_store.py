@@ -31,9 +31,10 @@ from tally_catalog.domain import (
     SubscriptionPlan,
     TaxRegime,
 )
-from tally_catalog.pagination import PageRequest, read_page_request
 from tally_catalog.settings import CatalogSettings
+from tally_kit import amounts
 from tally_kit.errors import AlreadyExists, FailedPrecondition, NotFound, Violations
+from tally_kit.pagination import PageRequest, read_page_request
 
 from .conftest import create_catalog_database
 
@@ -147,7 +148,7 @@ async def test_products_round_trip_with_exact_credits(conn: asyncpg.Connection) 
     await _with_merchant(conn)
     for product in (
         _product(credits=Decimal("0.000001")),
-        _product(credits=domain.MAX_CREDITS, access_period_days=None),
+        _product(credits=amounts.MAX_CREDITS, access_period_days=None),
         _grant(),
     ):
         await store.insert_product(conn, product)

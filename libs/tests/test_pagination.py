@@ -10,8 +10,8 @@ from uuid import UUID, uuid4
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tally_catalog.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageRequest, page_of, read_page_request
 from tally_kit.errors import InvalidArgument, Violations
+from tally_kit.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageRequest, page_of, read_page_request
 
 SCOPE = {"list": "products", "merchant_id": "acme", "show_archived": "False"}
 KEY = (datetime, UUID)
