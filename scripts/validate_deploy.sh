@@ -8,7 +8,7 @@
 # Prints one line per check and exits non-zero if any check fails.
 set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit
 
 PYTHON=${PYTHON:-python3.11}
 TOOLS_VENV=.tools/deploy-venv

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
 from .conftest import REPO
 
@@ -90,12 +95,16 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return ignored
 
 
-def test_dockerignore_sends_every_copied_source_and_nothing_local() -> None:
-    patterns = [
+def _dockerignore_patterns() -> list[str]:
+    return [
         line.strip()
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
+
+
+def test_dockerignore_sends_every_copied_source_and_nothing_local() -> None:
+    patterns = _dockerignore_patterns()
     copied = []
     for copy in _instructions("COPY"):
         if copy.startswith("--from="):
@@ -117,3 +126,64 @@ def test_dockerignore_sends_every_copied_source_and_nothing_local() -> None:
     )
     for local in local_only:
         assert _ignored(local, patterns), f"{local} would be sent to the Docker daemon"
+
+
+def test_the_build_stage_builds_an_importable_environment_without_dev_tools(tmp_path: Path) -> None:
+    """Runs the build stage's COPY and RUN steps outside Docker, with the project's own uv.
+
+    `/app` becomes a scratch folder; the build context is the repository seen through
+    .dockerignore. The result must import the kit, the catalog and the generated code, and hold
+    no development dependency.
+    """
+    uv = REPO / ".tools" / "bin" / "uv"
+    version = subprocess.run(
+        [str(uv), "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    assert version == _arg_default("UV_VERSION")
+    build_stage = re.sub(r"\\\n", " ", DOCKERFILE.split("AS build", 1)[1].split("AS runtime", 1)[0])
+    app = tmp_path / "app"
+    app.mkdir()
+    # The machine's environment carries its network settings (certificates, index); VIRTUAL_ENV
+    # would point uv at the caller's environment.
+    environment = {name: value for name, value in os.environ.items() if name != "VIRTUAL_ENV"}
+    environment["PATH"] = f"{uv.parent}{os.pathsep}{os.environ['PATH']}"
+    patterns = _dockerignore_patterns()
+    for line in build_stage.splitlines():
+        keyword, _, rest = line.strip().partition(" ")
+        if keyword == "ENV":
+            for pair in shlex.split(rest):
+                name, _, value = pair.partition("=")
+                # An image layer keeps no cache; here the developer's cache spares the downloads.
+                if name != "UV_NO_CACHE":
+                    environment[name] = value.replace("/app", str(app))
+        elif keyword == "COPY":
+            *sources, destination = rest.split()
+            for source in sources:
+                _copy_context(source, destination, app, patterns)
+        elif keyword == "RUN" and "pip install" not in rest:
+            step = subprocess.run(
+                ["bash", "-c", rest], cwd=app, env=environment, capture_output=True, text=True
+            )
+            assert step.returncode == 0, f"RUN {rest}\n{step.stderr}"
+    probe = "import tally_kit.server, tally_catalog, tally.common.v1.money_pb2, grpc_health.v1.health_pb2"
+    python = str(app / ".venv" / "bin" / "python")
+    subprocess.run([python, "-c", probe], cwd=tmp_path, check=True, capture_output=True)
+    dev_only = subprocess.run([python, "-c", "import pytest"], cwd=tmp_path, capture_output=True)
+    assert dev_only.returncode != 0, "development dependencies must stay out of the image"
+
+
+def _copy_context(source: str, destination: str, workdir: Path, patterns: list[str]) -> None:
+    """COPY `source` from the build context as Docker does: ignored paths are not in the context."""
+    origin = REPO / source
+    files = [origin] if origin.is_file() else sorted(path for path in origin.rglob("*") if path.is_file())
+    for path in files:
+        if _ignored(path.relative_to(REPO).as_posix(), patterns):
+            continue
+        if origin.is_dir():
+            target = workdir / destination / path.relative_to(origin)
+        elif destination.endswith("/"):
+            target = workdir / destination / path.name
+        else:
+            target = workdir / destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
