@@ -10,7 +10,7 @@ UV_VERSION := 0.13.8
 BUF_VERSION := 1.75.0
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: env gen run test lint fmt bench dev-token clean-test-dbs
+.PHONY: env gen run test lint fmt bench dev-token validate-deploy image
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -49,7 +49,13 @@ fmt: env
 	$(VENV)/bin/ruff check --fix .
 
 bench: gen  ## catalog benchmark: GetProduct/ListProducts throughput and merchant provisioning time
-	$(PY) -m tally_catalog.bench
+	$(PY) bench/catalog_bench.py $(BENCH_ARGS)
+
+validate-deploy: env  ## Dockerfile, compose, Prometheus rules and tests, dashboards, RabbitMQ definitions, Helm chart
+	bash scripts/validate_deploy.sh
+
+image:  ## build the suite's image (needs a Docker engine)
+	docker build -t tally:dev .
 
 dev-token: gen  ## print a development JWT: make dev-token ROLE=admin MERCHANT=acme
 	@$(PY) -m tally_kit.auth --role $(or $(ROLE),app) $(if $(MERCHANT),--merchant $(MERCHANT))

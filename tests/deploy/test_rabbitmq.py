@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 
+from tally_kit.events.topology import UNROUTED_RETENTION_DAYS, unrouted_exchange_name, unrouted_queue_name
+
 from .conftest import DEPLOY, REPO
 
 DEFINITIONS = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
@@ -27,7 +29,8 @@ def _by_name(kind: str) -> dict[str, dict]:
 
 
 def test_the_events_exchange_is_the_durable_topic_exchange_services_publish_to() -> None:
-    exchange = _by_name("exchanges")[_setting_default("events_exchange")]
+    name = _setting_default("events_exchange")
+    exchange = _by_name("exchanges")[name]
     assert exchange == {
         "name": "tally.events",
         "vhost": "/",
@@ -35,8 +38,23 @@ def test_the_events_exchange_is_the_durable_topic_exchange_services_publish_to()
         "durable": True,
         "auto_delete": False,
         "internal": False,
-        "arguments": {},
+        "arguments": {"alternate-exchange": unrouted_exchange_name(name)},
     }
+
+
+def test_events_no_service_consumes_are_kept_in_the_unrouted_queue_the_kit_declares() -> None:
+    name = _setting_default("events_exchange")
+    unrouted = _by_name("exchanges")[unrouted_exchange_name(name)]
+    assert (unrouted["type"], unrouted["durable"]) == ("fanout", True)
+    kept = _by_name("queues")[unrouted_queue_name(name)]
+    assert kept["durable"] and not kept["auto_delete"]
+    assert kept["arguments"] == {
+        "x-queue-type": "quorum",
+        "x-message-ttl": UNROUTED_RETENTION_DAYS * 24 * 3600 * 1000,
+    }
+    assert {"source": unrouted["name"], "destination": kept["name"]}.items() <= next(
+        b for b in DEFINITIONS["bindings"] if b["source"] == unrouted["name"]
+    ).items()
 
 
 def test_each_consumer_queue_dead_letters_into_its_parking_queue_with_the_kits_arguments() -> None:
@@ -45,6 +63,8 @@ def test_each_consumer_queue_dead_letters_into_its_parking_queue_with_the_kits_a
     delivery_limit = int(_setting_default("consumer_delivery_limit"))
     bindings = {(b["source"], b["destination"]) for b in DEFINITIONS["bindings"]}
     for name, queue in queues.items():
+        if name == unrouted_queue_name(_setting_default("events_exchange")):
+            continue
         service, _, role = name.partition(".")
         assert role in {"events", "parking"}, f"{name}: queues are <service>.events or <service>.parking"
         assert queue["durable"] and not queue["auto_delete"], name
