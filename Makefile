@@ -22,8 +22,14 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 
 env: $(VENV)/.synced  ## create or update the virtual environment from uv.lock
 
-gen: env  ## generate the protobuf/gRPC package into gen/
+GENERATED := gen/.generated
+PROTO_FILES := $(shell find protos -name '*.proto')
+
+$(GENERATED): $(VENV)/.synced $(PROTO_FILES) scripts/gen_protos.py
 	$(PY) scripts/gen_protos.py
+	touch $@
+
+gen: $(GENERATED)  ## generate the protobuf/gRPC package into gen/
 
 run: gen  ## start the suite as local processes (catalog for now)
 	$(PY) -m tally_launcher

@@ -46,7 +46,7 @@ def main() -> int:
     # Regular packages (not namespace packages) so the `tally` package is unambiguous.
     for directory in [OUT / "tally", *(p for p in (OUT / "tally").rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
-    print(f"generated {len(sources)} proto files into {OUT.relative_to(ROOT)}/")
+    print(f"generated {len(sources)} proto files into {OUT.relative_to(ROOT)}/", file=sys.stderr)
     return 0
 
 

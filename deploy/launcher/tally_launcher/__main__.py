@@ -13,9 +13,11 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tally_catalog.settings import CatalogSettings
 from tally_kit.auth import issue_dev_token
 from tally_kit.settings import ServiceSettings
 
@@ -28,20 +30,15 @@ STOP_TIMEOUT_SECONDS = 20.0
 class ServiceSpec:
     name: str
     module: str
-    env_prefix: str
-    grpc_port: int
-    metrics_port: int
+    settings_class: type[ServiceSettings]
     env: dict[str, str] = field(default_factory=dict)
 
-    def environment(self) -> dict[str, str]:
-        return {
-            f"{self.env_prefix}GRPC_PORT": str(self.grpc_port),
-            f"{self.env_prefix}METRICS_PORT": str(self.metrics_port),
-            **self.env,
-        }
+    def settings(self) -> ServiceSettings:
+        """What the service will read from this environment: its ports and its servers."""
+        return self.settings_class()
 
 
-SUITE: tuple[ServiceSpec, ...] = (ServiceSpec("catalog", "tally_catalog", "CATALOG_", 50051, 9101),)
+SUITE: tuple[ServiceSpec, ...] = (ServiceSpec("catalog", "tally_catalog", CatalogSettings),)
 
 
 async def _reachable(host: str, port: int, wait_seconds: float = 2.0) -> bool:
@@ -55,19 +52,29 @@ async def _reachable(host: str, port: int, wait_seconds: float = 2.0) -> bool:
     return True
 
 
-async def _check_dependencies(pg: tuple[str, int], amqp: tuple[str, int]) -> list[str]:
+def _amqp_address(settings: ServiceSettings) -> tuple[str, int]:
+    url = urlsplit(settings.amqp_url.get_secret_value())
+    return url.hostname or "127.0.0.1", url.port or 5672
+
+
+async def _check_dependencies(services: tuple[ServiceSpec, ...]) -> list[str]:
     problems = []
-    if not await _reachable(*pg):
-        problems.append(
-            f"PostgreSQL is not answering on {pg[0]}:{pg[1]}. Start it (on Debian: "
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) "
-            "or point CATALOG_PG_HOST/CATALOG_PG_PORT at a running server."
-        )
-    if not await _reachable(*amqp):
-        problems.append(
-            f"RabbitMQ is not answering on {amqp[0]}:{amqp[1]}. Start it (rabbitmq-server -detached) "
-            "or point CATALOG_AMQP_URL at a running broker."
-        )
+    for spec in services:
+        settings = spec.settings()
+        prefix = spec.settings_class.model_config.get("env_prefix", "")
+        pg = (settings.pg_host, settings.pg_port)
+        if not await _reachable(*pg):
+            problems.append(
+                f"{spec.name}: PostgreSQL is not answering on {pg[0]}:{pg[1]}. Start it (on Debian: "
+                "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) "
+                f"or point {prefix}PG_HOST/{prefix}PG_PORT at a running server."
+            )
+        amqp = _amqp_address(settings)
+        if not await _reachable(*amqp):
+            problems.append(
+                f"{spec.name}: RabbitMQ is not answering on {amqp[0]}:{amqp[1]}. Start it "
+                f"(rabbitmq-server -detached) or point {prefix}AMQP_URL at a running broker."
+            )
     return problems
 
 
@@ -107,13 +114,7 @@ async def _stop(processes: dict[str, asyncio.subprocess.Process]) -> None:
 
 
 async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> int:
-    settings = ServiceSettings()
-    amqp = settings.amqp_url.get_secret_value()
-    amqp_host_port = amqp.rsplit("@", 1)[-1].split("/", 1)[0]
-    amqp_host, _, amqp_port = amqp_host_port.partition(":")
-    problems = await _check_dependencies(
-        (settings.pg_host, settings.pg_port), (amqp_host, int(amqp_port or 5672))
-    )
+    problems = await _check_dependencies(services)
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -132,7 +133,7 @@ async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> in
                 sys.executable,
                 "-m",
                 spec.module,
-                env={**os.environ, **spec.environment(), "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"},
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
@@ -142,17 +143,19 @@ async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> in
             pumps.append(
                 asyncio.create_task(_pump(spec.name, COLORS[index % len(COLORS)], process.stdout, width))
             )
-            if not await _wait_healthy(spec.grpc_port, process, health_timeout):
+            settings = spec.settings()
+            if not await _wait_healthy(settings.grpc_port, process, health_timeout):
                 print(
                     f"error: {spec.name} did not become healthy within {health_timeout:.0f}s", file=sys.stderr
                 )
                 return 1
             print(
-                f"{spec.name} is serving on 127.0.0.1:{spec.grpc_port} (metrics :{spec.metrics_port})",
+                f"{spec.name} is serving on 127.0.0.1:{settings.grpc_port}"
+                f" (metrics on :{settings.metrics_port})",
                 flush=True,
             )
 
-        token = issue_dev_token(settings, role="platform", merchant_id=None, subject="launcher")
+        token = issue_dev_token(services[0].settings(), role="platform", merchant_id=None, subject="launcher")
         print("\nTally is running. Press Ctrl-C to stop.", flush=True)
         print(f"development token (platform role, 1 h):\n{token}\n", flush=True)
 
