@@ -2,28 +2,38 @@
 
 Starts `python -m tally_catalog` as its own process (fresh database prefix and exchange,
 so it never touches other data), then drives it from this process with N concurrent
-callers over one channel per worker task group, and prints figures:
+callers spread over `--channels` channels, and prints figures:
 
     make bench                       # defaults: 64 callers, 15 s per phase
     .venv/bin/python bench/catalog_bench.py --callers 64 --seconds 15
+    .venv/bin/python bench/catalog_bench.py --ceiling   # bare grpc.aio health server, no kit
 
 Targets on a 2-core machine, client included: >= 3,000 GetProduct/s; a new merchant
 ready (CreateMerchant answered) in < 500 ms.
+
+Each phase is preceded by an unmeasured warm-up. Latency covers the call alone; a call
+that fails is counted by status code. Besides ops/s, each phase prints the CPU time spent
+per call by the server process, by the PostgreSQL backends serving it and by this client:
+on a shared machine throughput moves with the load of others, CPU per call much less.
+The client reuses its request messages and metadata, which saves client work only: the
+server decodes, verifies and answers every call in full.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import socket
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
+import asyncpg
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +44,29 @@ from tally.common.v1 import money_pb2
 from tally_catalog.settings import CatalogSettings
 from tally_kit.auth import issue_dev_token
 from tally_kit.testing import drop_databases, unique_prefix
+
+WARM_UP_SECONDS = 2.0
+CALL_TIMEOUT_SECONDS = 5.0
+
+# The ceiling: grpc.aio with nothing of Tally's, answering health checks.
+BARE_HEALTH_SERVER = """
+import asyncio, sys
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+async def serve() -> None:
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
+    await server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+asyncio.run(serve())
+"""
+
+Call = Callable[[int], Awaitable[object]]
 
 
 def free_port() -> int:
@@ -57,50 +90,117 @@ def merchant_config() -> res.MerchantConfig:
     )
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process (all its threads), None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by the client, the server and the server's PostgreSQL backends."""
+
+    def __init__(self, server_pid: int, backend_pids: Callable[[], Awaitable[Sequence[int]]] | None) -> None:
+        self._server_pid = server_pid
+        self._backend_pids = backend_pids
+
+    async def sample(self) -> dict[str, dict[int, float]]:
+        backends = await self._backend_pids() if self._backend_pids else ()
+        samples: dict[str, dict[int, float]] = {
+            "client": {0: time.process_time()},
+            "server": {},
+            "postgres": {},
+        }
+        for role, pids in (("server", (self._server_pid,)), ("postgres", backends)):
+            for pid in pids:
+                seconds = process_cpu_seconds(pid)
+                if seconds is not None:
+                    samples[role][pid] = seconds
+        return samples
+
+    @staticmethod
+    def used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        # Backends that came or went during the phase are left out: a lower bound for PostgreSQL.
+        return {
+            role: sum(after[role][pid] - before[role][pid] for pid in after[role] if pid in before[role])
+            for role in after
+        }
+
+
 @dataclass
 class Result:
     calls: int
-    errors: int
     seconds: float
     latencies_ms: list[float]
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self, name: str) -> str:
         lat = sorted(self.latencies_ms)
         p50 = lat[len(lat) // 2] if lat else float("nan")
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
-        return (
-            f"{name:<14} {self.calls / self.seconds:>9.0f} ops/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
-            f"   calls {self.calls}   errors {self.errors}"
+        errors = sum(self.errors.values())
+        text = (
+            f"{name:<14} {self.calls / self.seconds:>7.0f} ops/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
+            f"   calls {self.calls}   errors {errors}"
         )
+        if errors:
+            text += " (" + ", ".join(f"{code} {count}" for code, count in self.errors.most_common()) + ")"
+        if self.calls and self.cpu_seconds:
+            per_call = "  ".join(
+                f"{role} {seconds * 1000 / self.calls:.3f}" for role, seconds in self.cpu_seconds.items()
+            )
+            cores = "  ".join(
+                f"{role} {seconds / self.seconds:.2f}" for role, seconds in self.cpu_seconds.items()
+            )
+            text += f"\n{'':<14} CPU ms/call: {per_call}   cores: {cores}"
+        return text
 
 
-async def drive(callers: int, seconds: float, call: Callable[[int], Awaitable[object]]) -> Result:
+async def drive(callers: int, seconds: float, call: Call, meter: CpuMeter | None = None) -> Result:
+    """`callers` concurrent loops calling `call(n)` for `seconds`, after a warm-up left out."""
+    await _run_callers(callers, WARM_UP_SECONDS, call, [], collections.Counter())
     latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + seconds
+    errors: collections.Counter[str] = collections.Counter()
+    before = await meter.sample() if meter else None
+    began = time.perf_counter()
+    await _run_callers(callers, seconds, call, latencies, errors)
+    elapsed = time.perf_counter() - began
+    result = Result(len(latencies), elapsed, latencies, errors)
+    if meter and before:
+        result.cpu_seconds = meter.used(before, await meter.sample())
+    return result
+
+
+async def _run_callers(
+    callers: int, seconds: float, call: Call, latencies: list[float], errors: collections.Counter[str]
+) -> None:
+    clock = time.perf_counter
+    stop_at = clock() + seconds
 
     async def caller(index: int) -> None:
-        nonlocal errors
         n = index
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
+        while clock() < stop_at:
+            started = clock()
             try:
                 await call(n)
-            except grpc.aio.AioRpcError:
-                errors += 1
-            latencies.append((time.perf_counter() - started) * 1000)
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
+            latencies.append((clock() - started) * 1000)
             n += callers
 
-    began = time.perf_counter()
     await asyncio.gather(*(caller(i) for i in range(callers)))
-    return Result(len(latencies), errors, time.perf_counter() - began, latencies)
 
 
 async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     for _ in range(120):
         if process.returncode is not None:
-            raise SystemExit("the catalog process exited during start-up")
+            raise SystemExit("the server process exited during start-up")
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -108,10 +208,48 @@ async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Pr
         except grpc.aio.AioRpcError:
             pass
         await asyncio.sleep(0.25)
-    raise SystemExit("the catalog did not become healthy")
+    raise SystemExit("the server did not become healthy")
 
 
-async def main(args: argparse.Namespace) -> None:
+def open_channels(port: int, count: int) -> list[grpc.aio.Channel]:
+    # A distinct option per channel keeps gRPC from sharing one subchannel (one TCP connection).
+    return [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.channel_id", index)])
+        for index in range(count)
+    ]
+
+
+def header(args: argparse.Namespace, what: str) -> str:
+    return (
+        f"{what}: {args.callers} concurrent callers over {args.channels} channel(s), "
+        f"{args.seconds:g} s per phase after {WARM_UP_SECONDS:g} s warm-up, {os.cpu_count()} CPUs, "
+        f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())}, one client process"
+    )
+
+
+async def ceiling(args: argparse.Namespace) -> None:
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", BARE_HEALTH_SERVER, str(port))
+    channels = open_channels(port, args.channels)
+    try:
+        await wait_serving(channels[0], server)
+        stubs = [health_pb2_grpc.HealthStub(channel) for channel in channels]
+        request = health_pb2.HealthCheckRequest()
+
+        async def check(n: int) -> object:
+            return await stubs[n % len(stubs)].Check(request, timeout=CALL_TIMEOUT_SECONDS)
+
+        result = await drive(args.callers, args.seconds, check, CpuMeter(server.pid, None))
+        print(header(args, "ceiling, bare grpc.aio health server"))
+        print(result.line("Health.Check"))
+    finally:
+        for channel in channels:
+            await channel.close()
+        server.terminate()
+        await server.wait()
+
+
+async def catalog(args: argparse.Namespace) -> None:
     prefix = unique_prefix()
     port, metrics_port = free_port(), free_port()
     env = {
@@ -126,75 +264,93 @@ async def main(args: argparse.Namespace) -> None:
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tally_catalog", env=env, stdout=asyncio.subprocess.DEVNULL
     )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await wait_serving(channel, server)
-            stub = rpc.CatalogServiceStub(channel)
-            platform = (
-                ("authorization", f"Bearer {issue_dev_token(settings, role='platform', merchant_id=None)}"),
-            )
+    channels = open_channels(port, args.channels)
+    observer = await asyncpg.connect(
+        host=settings.pg_host,
+        port=settings.pg_port,
+        user=settings.pg_user,
+        password=settings.pg_password.get_secret_value() or None,
+        database="postgres",
+    )
 
-            provision_ms = []
-            for i in range(args.merchants):
-                started = time.perf_counter()
-                await stub.CreateMerchant(
-                    pb.CreateMerchantRequest(
-                        merchant_id=f"bench-{i}", request_id=str(uuid.uuid4()), config=merchant_config()
-                    ),
-                    metadata=platform,
-                )
-                provision_ms.append((time.perf_counter() - started) * 1000)
-            merchant = "bench-0"
-            app = (
-                ("authorization", f"Bearer {issue_dev_token(settings, role='app', merchant_id=merchant)}"),
-            )
-            admin = (
-                ("authorization", f"Bearer {issue_dev_token(settings, role='admin', merchant_id=merchant)}"),
-            )
-            product_ids = []
-            for i in range(args.products):
-                reply = await stub.CreateProduct(
-                    pb.CreateProductRequest(
-                        merchant_id=merchant,
-                        request_id=str(uuid.uuid4()),
-                        product=res.Product(
-                            name=f"Pack {i}",
-                            credits=money_pb2.Credits(value=f"{100 + i}.5"),
-                            access_period_days=30,
-                            distribution=res.PRODUCT_DISTRIBUTION_SELLABLE,
-                        ),
-                    ),
-                    metadata=admin,
-                )
-                product_ids.append(reply.product.product_id)
-
-            async def get_product(n: int) -> object:
-                return await stub.GetProduct(
-                    pb.GetProductRequest(merchant_id=merchant, product_id=product_ids[n % len(product_ids)]),
-                    metadata=app,
-                    timeout=5,
-                )
-
-            async def list_products(n: int) -> object:
-                return await stub.ListProducts(
-                    pb.ListProductsRequest(merchant_id=merchant, page_size=20), metadata=app, timeout=5
-                )
-
-            await drive(args.callers, 2, get_product)  # warm-up: pools, caches, JIT-free but connection setup
-            get = await drive(args.callers, args.seconds, get_product)
-            lst = await drive(args.callers, args.seconds, list_products)
-
-        print(
-            f"catalog benchmark: {args.callers} concurrent callers, {args.seconds:.0f} s per phase, "
-            f"{os.cpu_count()} CPUs, server log level {args.log_level}, one client process"
+    async def backend_pids() -> list[int]:
+        rows = await observer.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE starts_with(datname, $1) AND pid <> pg_backend_pid()",
+            prefix,
         )
-        print(get.line("GetProduct"))
-        print(lst.line("ListProducts"))
+        return [row["pid"] for row in rows]
+
+    try:
+        await wait_serving(channels[0], server)
+        stubs = [rpc.CatalogServiceStub(channel) for channel in channels]
+        stub = stubs[0]
+        platform = (
+            ("authorization", f"Bearer {issue_dev_token(settings, role='platform', merchant_id=None)}"),
+        )
+
+        provision_ms = []
+        for i in range(args.merchants):
+            started = time.perf_counter()
+            await stub.CreateMerchant(
+                pb.CreateMerchantRequest(
+                    merchant_id=f"bench-{i}", request_id=str(uuid.uuid4()), config=merchant_config()
+                ),
+                metadata=platform,
+            )
+            provision_ms.append((time.perf_counter() - started) * 1000)
+        merchant = "bench-0"
+        app = (("authorization", f"Bearer {issue_dev_token(settings, role='app', merchant_id=merchant)}"),)
+        admin = (
+            ("authorization", f"Bearer {issue_dev_token(settings, role='admin', merchant_id=merchant)}"),
+        )
+        product_ids = []
+        for i in range(args.products):
+            reply = await stub.CreateProduct(
+                pb.CreateProductRequest(
+                    merchant_id=merchant,
+                    request_id=str(uuid.uuid4()),
+                    product=res.Product(
+                        name=f"Pack {i}",
+                        credits=money_pb2.Credits(value=f"{100 + i}.5"),
+                        access_period_days=30,
+                        distribution=res.PRODUCT_DISTRIBUTION_SELLABLE,
+                    ),
+                ),
+                metadata=admin,
+            )
+            product_ids.append(reply.product.product_id)
+
+        get_requests = [pb.GetProductRequest(merchant_id=merchant, product_id=pid) for pid in product_ids]
+        list_request = pb.ListProductsRequest(merchant_id=merchant, page_size=20)
+
+        async def get_product(n: int) -> object:
+            return await stubs[n % len(stubs)].GetProduct(
+                get_requests[n % len(get_requests)], metadata=app, timeout=CALL_TIMEOUT_SECONDS
+            )
+
+        async def list_products(n: int) -> object:
+            return await stubs[n % len(stubs)].ListProducts(
+                list_request, metadata=app, timeout=CALL_TIMEOUT_SECONDS
+            )
+
+        meter = CpuMeter(server.pid, backend_pids)
+        results = []
+        if "get" in args.phases:
+            results.append(("GetProduct", await drive(args.callers, args.seconds, get_product, meter)))
+        if "list" in args.phases:
+            results.append(("ListProducts", await drive(args.callers, args.seconds, list_products, meter)))
+
+        print(header(args, f"catalog benchmark, server log level {args.log_level}"))
+        for name, result in results:
+            print(result.line(name))
         print(
             f"provision      {args.merchants} new merchants: CreateMerchant median "
             f"{statistics.median(provision_ms):.0f} ms, max {max(provision_ms):.0f} ms"
         )
     finally:
+        for channel in channels:
+            await channel.close()
+        await observer.close()
         server.terminate()
         await server.wait()
         await drop_databases(settings, prefix)
@@ -218,8 +374,15 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=1, help="client channels the callers share")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--merchants", type=int, default=10)
     parser.add_argument("--products", type=int, default=50)
+    parser.add_argument("--phases", default="get,list", help="comma-separated: get, list")
     parser.add_argument("--log-level", default="INFO")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--ceiling", action="store_true", help="drive a bare grpc.aio health server instead of the catalog"
+    )
+    arguments = parser.parse_args()
+    arguments.phases = set(arguments.phases.split(","))
+    asyncio.run(ceiling(arguments) if arguments.ceiling else catalog(arguments))
