@@ -5,6 +5,10 @@ app and admin), `aud`, `iss` and `exp`. The roles an RPC needs are declared once
 RPC, with the `(tally.common.v1.access)` option. `platform` and `service` may act on any
 merchant; `app` and `admin` only on their token's merchant.
 
+A verified token is remembered (token → principal) until its `exp` plus the allowed
+clock skew, and at most `VERIFIED_TOKEN_MAX_AGE_SECONDS`, so a caller that sends the same
+token on every call is verified once, not on every call. Refusals are never remembered.
+
 `python -m tally_kit.auth --role admin --merchant acme` prints a development token.
 """
 
@@ -25,6 +29,7 @@ from google.protobuf import descriptor_pool
 from tally.common.v1 import access_pb2
 from tally.common.v1.access_pb2 import Role
 
+from tally_kit.cache import ExpiringCache
 from tally_kit.errors import PermissionDenied, Unauthenticated, Unavailable
 from tally_kit.settings import ServiceSettings
 
@@ -40,6 +45,12 @@ MERCHANT_BOUND_ROLES = frozenset({access_pb2.ROLE_APP, access_pb2.ROLE_ADMIN})
 _SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 _REQUIRED_CLAIMS = ["sub", "aud", "iss", "exp"]
 DEV_TOKEN_ALGORITHM = "HS256"
+# Verified tokens remembered at once; the least recently used are forgotten first.
+VERIFIED_TOKENS_MAX_ENTRIES = 4096
+# A remembered token is verified again after this long even if it expires later, so that a
+# signing key withdrawn from the JWKS stops being honoured within the time PyJWKClient
+# itself keeps a fetched key set (300 s).
+VERIFIED_TOKEN_MAX_AGE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,27 @@ class TokenVerifier:
             self._fetches_keys = True
         if algorithms - _SYMMETRIC_ALGORITHMS and self._public_key is None:
             raise ValueError("asymmetric jwt_algorithms need jwt_jwks_file or jwt_jwks_url")
+        self._verified: ExpiringCache[str, Principal] = ExpiringCache(VERIFIED_TOKENS_MAX_ENTRIES)
 
     def verify(self, token: str) -> Principal:
         """The principal a valid token proves; `Unauthenticated` with a reason otherwise."""
+        principal = self._verified.get(token)
+        if principal is None:
+            principal, valid_until = self._verify_signed(token)
+            self._verified.put(
+                token, principal, min(valid_until, time.time() + VERIFIED_TOKEN_MAX_AGE_SECONDS)
+            )
+        return principal
+
+    async def verify_async(self, token: str) -> Principal:
+        """`verify` without blocking the event loop while keys are fetched from the JWKS URL."""
+        if not self._fetches_keys:
+            return self.verify(token)
+        # A remembered token needs no key: answer it on the loop rather than in a thread.
+        return self._verified.get(token) or await asyncio.to_thread(self.verify, token)
+
+    def _verify_signed(self, token: str) -> tuple[Principal, float]:
+        """The token's principal and the instant (epoch seconds) until which PyJWT accepts it."""
         if not token:
             raise Unauthenticated("a bearer token is required", reason="TOKEN_MISSING")
         try:
@@ -113,13 +142,8 @@ class TokenVerifier:
             raise Unavailable("signing keys are unavailable", reason="JWKS_UNAVAILABLE") from None
         except jwt.PyJWTError:
             raise Unauthenticated("token is invalid", reason="TOKEN_INVALID") from None
-        return _principal_from(claims)
-
-    async def verify_async(self, token: str) -> Principal:
-        """`verify` without blocking the event loop while keys are fetched from the JWKS URL."""
-        if not self._fetches_keys:
-            return self.verify(token)
-        return await asyncio.to_thread(self.verify, token)
+        # PyJWT refuses a token once `exp <= now - leeway`, with `exp` read as an integer.
+        return _principal_from(claims), int(claims["exp"]) + self._leeway
 
     def _key_for(self, algorithm: str, kid: Any) -> bytes | jwt.PyJWK:
         if algorithm in _SYMMETRIC_ALGORITHMS:

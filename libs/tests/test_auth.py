@@ -21,6 +21,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from pydantic import SecretStr
 from tally.common.v1 import access_pb2
 from tally.kittest.v1 import kittest_pb2  # noqa: F401  (registers KitTestService in the descriptor pool)
+from tally_kit import auth
 from tally_kit.auth import (
     Principal,
     TokenVerifier,
@@ -303,3 +304,69 @@ def test_make_dev_token_command_line() -> None:
     )
     settings = ServiceSettings(jwt_secret=SecretStr("a-secret-only-this-test-knows-0123456789"))
     assert TokenVerifier(settings).verify(result.stdout.strip()).merchant_id == "acme"
+
+
+# Remembered verifications
+
+
+def counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every token PyJWT verifies from now on (the real verification still runs)."""
+    decoded: list[str] = []
+    real_decode = jwt.decode
+
+    def decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(token)
+        return real_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", decode)
+    return decoded
+
+
+def test_a_token_is_verified_once_then_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = counting_decodes(monkeypatch)
+    verifier = TokenVerifier(SETTINGS)
+    token = jwt.encode(claims(), SECRET)
+    first = verifier.verify(token)
+    assert verifier.verify(token) == first
+    assert decoded == [token]
+    other = jwt.encode(claims(sub="user-2"), SECRET)
+    assert verifier.verify(other).subject == "user-2"
+    assert decoded == [token, other]
+
+
+def test_a_remembered_token_expires_and_a_refusal_is_never_remembered() -> None:
+    verifier = TokenVerifier(SETTINGS.model_copy(update={"jwt_leeway_seconds": 0}))
+    instant = int(time.time()) + 2
+    expiring = jwt.encode(claims(exp=instant), SECRET)
+    not_yet_valid = jwt.encode(claims(nbf=instant), SECRET)
+    assert verifier.verify(expiring).subject == "user-1"
+    assert refusal_reason(verifier, not_yet_valid) == "TOKEN_INVALID"
+    time.sleep(max(0.0, instant - time.time()) + 0.05)
+    assert refusal_reason(verifier, expiring) == "TOKEN_EXPIRED"
+    assert verifier.verify(not_yet_valid).subject == "user-1"
+
+
+def test_a_remembered_token_is_verified_again_after_the_maximum_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "VERIFIED_TOKEN_MAX_AGE_SECONDS", 0.2)
+    decoded = counting_decodes(monkeypatch)
+    verifier = TokenVerifier(SETTINGS)
+    token = jwt.encode(claims(), SECRET)
+    verifier.verify(token)
+    verifier.verify(token)
+    assert len(decoded) == 1
+    time.sleep(0.25)
+    verifier.verify(token)
+    assert len(decoded) == 2
+
+
+async def test_a_remembered_token_needs_no_key_fetch(es256_jwks_url, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, url = es256_jwks_url
+    verifier = TokenVerifier(ServiceSettings(jwt_algorithms=["ES256"], jwt_jwks_url=url))
+    token = jwt.encode(claims(), key, algorithm="ES256", headers={"kid": "ec-1"})
+    principal = await verifier.verify_async(token)
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a remembered token must be answered on the event loop")
+
+    monkeypatch.setattr(auth.asyncio, "to_thread", no_thread)
+    assert await verifier.verify_async(token) == principal
