@@ -9,10 +9,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from asyncpg.connection import LoggedQuery
 from prometheus_client import REGISTRY
 from tally_kit.db import MerchantDirectory, MigrationSource, apply_migrations, merchant_database_name
 from tally_kit.db.directory import quote_identifier
 from tally_kit.db.migrations import KIT_MIGRATIONS, load_migrations
+from tally_kit.db.pools import BoundedPools
 from tally_kit.errors import InvalidArgument, NotFound, Unavailable
 from tally_kit.settings import ServiceSettings
 
@@ -352,3 +354,65 @@ async def test_migrate_all_brings_every_merchant_database_up_to_date(
             await conn.execute("INSERT INTO notes (merchant_id, body, tags) VALUES ('old-two', 'x', '{a}')")
     finally:
         await after.close()
+
+
+async def test_a_connection_goes_back_to_its_pool_without_a_round_trip(kit_settings: ServiceSettings) -> None:
+    settings = kit_settings.model_copy(update={"service_name": "noreset", "db_pool_max_size": 1})
+    directory = MerchantDirectory(settings)
+    await directory.start()
+    try:
+        await directory.provision("quiet")
+        sent: list[str] = []
+
+        def record(query: LoggedQuery) -> None:
+            sent.append(query.query)
+
+        async with directory.connection("quiet") as conn:
+            conn.add_query_logger(record)
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+        async with directory.transaction("quiet") as conn:
+            await conn.execute("SET LOCAL statement_timeout = '5s'")
+        async with directory.connection("quiet") as conn:
+            # One connection in the pool, and what the transaction set ended with it.
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
+            conn.remove_query_logger(record)
+        # Every statement the connection ran is here: none is a reset.
+        assert sent[0] == "SELECT pg_backend_pid()"
+        assert sent[1].startswith("BEGIN")
+        assert sent[2:] == ["SET LOCAL statement_timeout = '5s'", "COMMIT;", "SHOW statement_timeout"]
+        async with directory.connection("quiet") as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == backend
+    finally:
+        await directory.close()
+
+
+async def test_a_connection_whose_session_changed_is_reset_before_reuse(
+    kit_settings: ServiceSettings,
+) -> None:
+    settings = kit_settings.model_copy(update={"service_name": "dirty"})
+    directory = MerchantDirectory(settings)
+    await directory.start()
+    pools = BoundedPools(
+        user=settings.pg_user,
+        password=None,
+        application_name="dirty",
+        max_pools=1,
+        pool_max_size=1,
+        max_connections=1,
+        acquire_timeout=5.0,
+        command_timeout=5.0,
+    )
+    try:
+        address = (await directory.provision("dirty")).address
+        async with pools.connection(address, changes_session=True) as conn:
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            await conn.execute("SELECT pg_advisory_lock(42)")
+            await conn.execute("SET statement_timeout = '7s'")
+        async with pools.connection(address) as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == backend
+            assert await conn.fetchval("SHOW statement_timeout") == "0"
+            held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            assert await conn.fetchval(held) == 0
+    finally:
+        await pools.close()
+        await directory.close()

@@ -125,7 +125,8 @@ class MerchantDirectory:
         await self._create_database(self._control)
         await self._pools.pin(self._control, max_size=_CONTROL_POOL_MAX_SIZE)
         self._started = True
-        async with self.control_connection() as conn:
+        # The migrations hold a session advisory lock: their connection is reset before reuse.
+        async with self._pools.connection(self._control, changes_session=True) as conn:
             await apply_migrations(conn, [CONTROL_MIGRATIONS])
             rows = await conn.fetch(
                 "SELECT merchant_id, server, database FROM merchant_databases WHERE status = 'ready'"
@@ -179,13 +180,18 @@ class MerchantDirectory:
         """
         applied: dict[str, list[str]] = {}
         for merchant_id in await self.merchant_ids():
-            async with self.connection(merchant_id) as conn:
+            placement = await self._placement(merchant_id)
+            async with self._pools.connection(placement.address, changes_session=True) as conn:
                 applied[merchant_id] = await apply_migrations(conn, self._merchant_migrations)
         return applied
 
     @asynccontextmanager
     async def connection(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
-        """A connection to the merchant's database; NotFound if it has none."""
+        """A connection to the merchant's database; NotFound if it has none.
+
+        It goes back to its pool without a reset: change session state (SET, LISTEN,
+        session advisory locks) only inside a transaction, where it ends with the transaction.
+        """
         placement = await self._placement(merchant_id)
         async with self._pools.connection(placement.address) as conn:
             yield conn
@@ -243,7 +249,7 @@ class MerchantDirectory:
         placement = MerchantPlacement(merchant_id, row["server"], row["database"])
         if row["status"] != "ready":
             await self._create_database(placement.address)
-            async with self._pools.connection(placement.address) as conn:
+            async with self._pools.connection(placement.address, changes_session=True) as conn:
                 await apply_migrations(conn, self._merchant_migrations)
             async with self.control_connection() as conn:
                 await conn.execute(

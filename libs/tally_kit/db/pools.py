@@ -7,6 +7,17 @@ slot is given back when the connection closes, whatever closes it. A caller that
 connection while every slot is taken frees what is idle (pools nobody is using are
 closed) and then waits; while anyone waits, a connection given back is closed rather than
 kept idle, so its slot goes to a waiter and no merchant starves the others.
+
+A connection goes back to its pool without a round trip to the server. asyncpg's default
+reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every release,
+which on a short read costs as much as the read itself. None of it is needed when the
+session is left as it was found, and that is the contract of `connection()`: what a caller
+changes inside a transaction (SET LOCAL, transaction advisory locks, cursors) ends with the
+transaction, which asyncpg rolls back on release if the caller left one open; outside a
+transaction a caller must not change the session (SET, LISTEN, session advisory locks,
+WITH HOLD cursors). A caller that does, such as the migrations with their session advisory
+lock, says so with `changes_session=True`, and its connection gets the full reset (or is
+terminated if that fails) before anyone else can use it.
 """
 
 from __future__ import annotations
@@ -108,7 +119,10 @@ class BoundedPools:
             self._pinned[address] = _PoolEntry(address, await self._create_pool(address, max_size))
 
     @asynccontextmanager
-    async def connection(self, address: DatabaseAddress) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(
+        self, address: DatabaseAddress, *, changes_session: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; `changes_session` if the caller changes session state (see above)."""
         entry = self._pinned.get(address) or await self._evictable_entry(address)
         entry.users += 1
         try:
@@ -121,9 +135,13 @@ class BoundedPools:
                 yield cast(asyncpg.Connection, conn)
             finally:
                 CONNECTIONS_IN_USE.dec()
-                if self._slot_waiters:
-                    await _close_quietly(conn)
-                await entry.pool.release(conn)
+                try:
+                    if self._slot_waiters:
+                        await _close_quietly(conn)
+                    elif changes_session:
+                        await self._reset_session(conn)
+                finally:
+                    await entry.pool.release(conn)
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -187,6 +205,7 @@ class BoundedPools:
             max_size=max_size,
             max_inactive_connection_lifetime=_IDLE_CONNECTION_LIFETIME_SECONDS,
             connect=self._open_connection,
+            reset=_keep_session,
             command_timeout=self._command_timeout,
             **self._connect_arguments(address),
         )
@@ -255,11 +274,25 @@ class BoundedPools:
         finally:
             POOLS_OPEN.dec()
 
+    async def _reset_session(self, conn: asyncpg.Connection) -> None:
+        """asyncpg's full reset; a session that cannot be reset is terminated, never lent again."""
+        try:
+            await conn.reset(timeout=self._command_timeout)
+        except BaseException as error:
+            conn.terminate()
+            if not isinstance(error, Exception):
+                raise
+            log.warning("resetting a database session failed; its connection was terminated", exc_info=True)
+
     def _exhausted(self) -> Unavailable:
         return Unavailable(
             f"no database connection became free within {self._acquire_timeout:g} s",
             reason="DB_CONNECTIONS_EXHAUSTED",
         )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pools' reset on release: nothing beyond asyncpg's own rollback (see the module doc)."""
 
 
 async def _close_quietly(conn: Any) -> None:
