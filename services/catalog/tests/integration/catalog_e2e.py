@@ -279,6 +279,7 @@ class EventCapture:
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
 
     @property
     def queue_name(self) -> str:
@@ -290,12 +291,14 @@ class EventCapture:
         exchange = await declare_events_exchange(self._channel, self.exchange)
         self._queue = await self._channel.declare_queue(self.queue_name, exclusive=True)
         await self._queue.bind(exchange, "#")
-        await self._queue.consume(self._on_message, no_ack=True)
+        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=True)
 
     async def close(self) -> None:
         if self._connection is None:
             return
         try:
+            if self._queue is not None and self._consumer_tag is not None:
+                await self._queue.cancel(self._consumer_tag)
             if self._channel is not None:
                 await self._channel.queue_delete(self.queue_name)
                 await self._channel.exchange_delete(self.exchange)
@@ -322,25 +325,6 @@ class EventCapture:
 
     def of_call(self, correlation_id: str) -> list[CapturedEvent]:
         return [event for event in self.received if event.envelope.correlation_id == correlation_id]
-
-
-async def published_events(
-    databases: Databases, capture: EventCapture, merchant_id: str, correlation_id: str
-) -> list[CapturedEvent]:
-    """Every event delivered for one call, once the merchant's outbox is fully published.
-
-    A published row has the broker's confirm, so the capture queue holds it: this waits for
-    every row of the merchant to be published and every row of the call to be captured.
-    """
-
-    async def settled() -> bool:
-        rows = await databases.outbox(merchant_id)
-        if not all(row.published for row in rows):
-            return False
-        return {row.event_id for row in rows if row.correlation_id == correlation_id} <= capture.event_ids()
-
-    await eventually(settled)
-    return capture.of_call(correlation_id)
 
 
 # --- requests -------------------------------------------------------------------------------------
@@ -470,17 +454,21 @@ class Catalog:
 
     # Resources, created as the platform would.
 
-    async def create_merchant(self, merchant_id: str, **config: object) -> res.Merchant:
+    async def create_merchant(self, merchant_id: str) -> res.Merchant:
         request = api.CreateMerchantRequest(
-            merchant_id=merchant_id, request_id=new_id(), config=merchant_config(**config)
+            merchant_id=merchant_id, request_id=new_id(), config=merchant_config()
         )
-        return (await self.stub.CreateMerchant(request, metadata=self.metadata())).merchant
+        return (
+            await self.stub.CreateMerchant(request, metadata=self.metadata(), timeout=CALL_TIMEOUT_SECONDS)
+        ).merchant
 
     async def create_product(self, merchant_id: str, product: res.Product | None = None) -> res.Product:
         request = api.CreateProductRequest(
             merchant_id=merchant_id, request_id=new_id(), product=product or sellable_product()
         )
-        return (await self.stub.CreateProduct(request, metadata=self.metadata())).product
+        return (
+            await self.stub.CreateProduct(request, metadata=self.metadata(), timeout=CALL_TIMEOUT_SECONDS)
+        ).product
 
     async def schedule_price(
         self,
@@ -499,7 +487,9 @@ class Catalog:
         )
         if effective is not None:
             request.effective_time.CopyFrom(timestamp(effective))
-        return await self.stub.ScheduleProductPrice(request, metadata=self.metadata())
+        return await self.stub.ScheduleProductPrice(
+            request, metadata=self.metadata(), timeout=CALL_TIMEOUT_SECONDS
+        )
 
     async def schedule_operation_type(
         self, merchant_id: str, operation_code: str, rate: str, *, effective: datetime | None = None
@@ -513,7 +503,9 @@ class Catalog:
         )
         if effective is not None:
             request.effective_time.CopyFrom(timestamp(effective))
-        return await self.stub.ScheduleOperationTypeVersion(request, metadata=self.metadata())
+        return await self.stub.ScheduleOperationTypeVersion(
+            request, metadata=self.metadata(), timeout=CALL_TIMEOUT_SECONDS
+        )
 
     async def seed(self, merchant_id: str) -> Subjects:
         """Create the merchant with a priced product, a grant, a plan and an operation type."""
@@ -528,6 +520,7 @@ class Catalog:
                 subscription_plan=subscription_plan(grant.product_id),
             ),
             metadata=self.metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
         )
         await self.schedule_operation_type(merchant_id, "api.calls", "0.5")
         return Subjects(
@@ -539,7 +532,21 @@ class Catalog:
         )
 
     async def published_events(self, merchant_id: str, correlation_id: str) -> list[CapturedEvent]:
-        return await published_events(self.databases, self.events, merchant_id, correlation_id)
+        """Every event delivered for one call, once the merchant's outbox is fully published.
+
+        A published row has the broker's confirm, so the capture queue holds it: this waits
+        for every row of the merchant to be published and every row of the call to be captured.
+        """
+
+        async def settled() -> bool:
+            rows = await self.databases.outbox(merchant_id)
+            if not all(row.published for row in rows):
+                return False
+            of_call = {row.event_id for row in rows if row.correlation_id == correlation_id}
+            return of_call <= self.events.event_ids()
+
+        await eventually(settled)
+        return self.events.of_call(correlation_id)
 
 
 # --- every RPC: a valid request, and how to break it ----------------------------------------------
