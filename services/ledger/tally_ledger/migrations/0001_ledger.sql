@@ -188,7 +188,7 @@ CREATE INDEX entries_settlements ON entries (merchant_id, user_id, reference) WH
 -- `signup:<product id>:<user id>`, which callers may not choose.
 CREATE TABLE grants_applied (
     merchant_id text        NOT NULL,
-    grant_key   text        NOT NULL CHECK (grant_key ~ '^[\x21-\x7e]{1,300}$'),
+    grant_key   text        NOT NULL CHECK (grant_key ~ '^[\x21-\x7e]{1,200}$'),
     user_id     text        NOT NULL,
     lot_id      uuid        NOT NULL,
     product_id  uuid,
@@ -381,7 +381,7 @@ BEGIN
     IF (NEW.reversal, NEW.reversed_at) IS DISTINCT FROM (OLD.reversal, OLD.reversed_at)
        AND NOT (
            (OLD.reversal IS NULL AND NEW.reversal IS NOT NULL)
-           OR (OLD.reversal = 'refunded' AND NEW.reversal = 'charged_back')
+           OR (OLD.reversal IS NOT DISTINCT FROM 'refunded' AND NEW.reversal IS NOT DISTINCT FROM 'charged_back')
        )
     THEN
         RAISE EXCEPTION 'lot % cannot go from % to %', OLD.lot_id,
