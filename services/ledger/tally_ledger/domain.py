@@ -810,10 +810,15 @@ def open_operation(
     now: datetime,
 ) -> Operation:
     """Opens an operation at the pinned `rate`, if the balance is 0 or more and the user has no
-    other operation open (`already_open`, the user's open operation if any)."""
-    if account.balance < 0:
+    other operation open (`already_open`, the user's open operation if any).
+
+    The balance is 0 or more exactly when there is no debt, once the expiry job has written
+    off the credits past their expiry; until it has, those dead credits could hide a debt in
+    the balance, so the debt is what is checked.
+    """
+    if account.debt > 0:
         raise FailedPrecondition(
-            f"the balance of user {account.user_id} is {account.balance}; "
+            f"user {account.user_id} owes {account.debt} credits (balance {account.balance}); "
             "operations need a balance of 0 or more",
             reason="NEGATIVE_BALANCE",
             metadata={"user_id": account.user_id},

@@ -464,6 +464,14 @@ def test_an_operation_opens_only_at_a_balance_of_zero_or_more_and_alone() -> Non
             now=T0,
         )
     assert negative.value.reason == "NEGATIVE_BALANCE"
+    # Credits past their expiry, not yet written off, do not hide a debt.
+    books = Books()
+    books.issue("5", days=1)
+    books.debit("1000", at=T0 + timedelta(days=1))  # 2 credits, none usable
+    assert books.account.balance == 3 and books.account.debt == 2
+    with pytest.raises(FailedPrecondition) as owing:
+        domain.open_operation(books.account, None, RATE, operation_id=uuid4(), workflow_id=None, now=T0)
+    assert owing.value.reason == "NEGATIVE_BALANCE"
     with pytest.raises(FailedPrecondition) as busy:
         domain.open_operation(_account(), opened, RATE, operation_id=uuid4(), workflow_id=None, now=T0)
     assert busy.value.reason == "OPERATION_ALREADY_OPEN"

@@ -132,9 +132,9 @@ class Ledger:
                 self.account, None, RATE, operation_id=self.new_id(), workflow_id=None, now=self.now
             )
         except FailedPrecondition as refused:
-            assert refused.reason == "NEGATIVE_BALANCE" and self.account.balance < 0
+            assert refused.reason == "NEGATIVE_BALANCE" and self.account.debt > 0
             return
-        assert self.account.balance >= 0
+        assert self.account.balance >= 0 and self.account.debt == 0
         closing = domain.record_and_close(
             operation, self.account, self.lots.values(), resource, now=self.now, new_id=self.new_id
         )
