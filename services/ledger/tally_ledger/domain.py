@@ -58,6 +58,7 @@ EXTERNAL_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 GRANT_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,200}")
 # Grant keys of sign-up grants are the ledger's own; callers may not choose one like them.
 SIGNUP_GRANT_KEY_PREFIX = "signup:"
+# Provider, refund and chargeback references; adjustments' reasons and actors.
 MAX_REFERENCE_LENGTH = 200
 MAX_REASON_LENGTH = 500
 MAX_ACTOR_LENGTH = 200
