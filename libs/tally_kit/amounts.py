@@ -9,6 +9,7 @@ is ever involved.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 
 from tally_kit.errors import RuleViolation
@@ -34,6 +35,12 @@ ISO_4217_CURRENCIES = frozenset(
     ZMW ZWG
     """.split()
 )
+
+
+@dataclass(frozen=True)
+class Money:
+    amount_minor: int
+    currency: str
 
 
 def parse_decimal(text: str, fraction_digits: int) -> Decimal:

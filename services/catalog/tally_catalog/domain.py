@@ -19,9 +19,11 @@ from typing import TypeVar
 from uuid import UUID
 
 from tally_kit.amounts import (
+    Money,
     parse_decimal,
 )
 from tally_kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, RuleViolation
+from tally_kit.text import check_text
 
 TAX_RATE_FRACTION_DIGITS = 4
 MAX_TAX_RATE_PERCENT = Decimal(100)
@@ -44,7 +46,6 @@ OPERATION_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 RESOURCE_UNIT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 RECEIPT_SERIES_PREFIX_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9-]{0,15}")
 REGION_CODE_PATTERN = re.compile(r"[A-Z]{2}")
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Distribution(enum.Enum):
@@ -76,12 +77,6 @@ MAX_INTERVAL_COUNT: Mapping[IntervalUnit, int] = {
     IntervalUnit.MONTH: 60,
     IntervalUnit.YEAR: 5,
 }
-
-
-@dataclass(frozen=True)
-class Money:
-    amount_minor: int
-    currency: str
 
 
 @dataclass(frozen=True)
@@ -234,16 +229,6 @@ def check_positive_amount(amount_minor: int) -> int:
     if amount_minor <= 0:
         raise RuleViolation("must be greater than 0")
     return amount_minor
-
-
-def check_text(value: str, max_length: int) -> str:
-    if not value.strip():
-        raise RuleViolation("is required")
-    if len(value) > max_length:
-        raise RuleViolation(f"must be at most {max_length} characters")
-    if _CONTROL_CHARACTERS.search(value):
-        raise RuleViolation("must not contain control characters")
-    return value
 
 
 def check_optional_text(value: str, max_length: int) -> str:

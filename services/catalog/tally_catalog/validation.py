@@ -26,6 +26,7 @@ from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import Violations
 from tally_kit.idempotency import validate_request_id
 from tally_kit.pagination import PageRequest, read_page_request
+from tally_kit.text import check_text
 
 from tally_catalog import domain, mapping
 from tally_catalog.domain import (
@@ -291,14 +292,14 @@ def _address(
             _rule(
                 violations,
                 f"{field}.address_lines[{index}]",
-                lambda line=line: domain.check_text(line, domain.MAX_ADDRESS_LINE_LENGTH),
+                lambda line=line: check_text(line, domain.MAX_ADDRESS_LINE_LENGTH),
             )
         )
     parts.append(
         _rule(
             violations,
             f"{field}.locality",
-            lambda: domain.check_text(address.locality, domain.MAX_LOCALITY_LENGTH),
+            lambda: check_text(address.locality, domain.MAX_LOCALITY_LENGTH),
         )
     )
     parts.append(
@@ -360,10 +361,8 @@ def _operation_timeout(
 
 # Validator of each MerchantConfig field: (violations, field path, config) -> value or None.
 _CONFIG_FIELDS: dict[str, Callable[[Violations, str, resources_pb2.MerchantConfig], object | None]] = {
-    "legal_name": lambda v, f, c: _rule(
-        v, f, lambda: domain.check_text(c.legal_name, domain.MAX_NAME_LENGTH)
-    ),
-    "tax_id": lambda v, f, c: _rule(v, f, lambda: domain.check_text(c.tax_id, domain.MAX_TAX_ID_LENGTH)),
+    "legal_name": lambda v, f, c: _rule(v, f, lambda: check_text(c.legal_name, domain.MAX_NAME_LENGTH)),
+    "tax_id": lambda v, f, c: _rule(v, f, lambda: check_text(c.tax_id, domain.MAX_TAX_ID_LENGTH)),
     "address": _address,
     "receipt_series_prefix": lambda v, f, c: _rule(
         v,
@@ -450,7 +449,7 @@ def create_product(request: api.CreateProductRequest) -> CreateProduct:
         violations.add("product", "is required")
         violations.raise_if_any()
     product = request.product
-    name = _rule(violations, "product.name", lambda: domain.check_text(product.name, domain.MAX_NAME_LENGTH))
+    name = _rule(violations, "product.name", lambda: check_text(product.name, domain.MAX_NAME_LENGTH))
     credits = _credits(violations, "product.credits", product.HasField("credits"), product.credits)
     access_period_days = None
     if product.HasField("access_period_days"):
@@ -734,7 +733,7 @@ def create_subscription_plan(request: api.CreateSubscriptionPlanRequest) -> Crea
         violations.raise_if_any()
     plan = request.subscription_plan
     prefix = "subscription_plan"
-    name = _rule(violations, f"{prefix}.name", lambda: domain.check_text(plan.name, domain.MAX_NAME_LENGTH))
+    name = _rule(violations, f"{prefix}.name", lambda: check_text(plan.name, domain.MAX_NAME_LENGTH))
     price = _money(violations, f"{prefix}.price", plan.HasField("price"), plan.price)
     interval = _billing_interval(violations, f"{prefix}.billing_interval", plan)
     trial_days = _rule(

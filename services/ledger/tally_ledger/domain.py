@@ -42,7 +42,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, Inexact, localcontext
 from typing import Any
 from uuid import UUID, uuid4
 
-from tally_kit.amounts import CREDITS_FRACTION_DIGITS, MAX_CREDITS, parse_decimal
+from tally_kit.amounts import CREDITS_FRACTION_DIGITS, MAX_CREDITS, Money, parse_decimal
 from tally_kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, RuleViolation
 
 IdFactory = Callable[[], UUID]
@@ -109,12 +109,6 @@ class OperationState(enum.Enum):
     CLOSED = "closed"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
-
-
-@dataclass(frozen=True)
-class Money:
-    amount_minor: int
-    currency: str
 
 
 @dataclass(frozen=True)
@@ -332,16 +326,6 @@ def check_grant_key(value: str) -> str:
     check_pattern(value, GRANT_KEY_PATTERN, "1 to 200 printable ASCII characters without spaces")
     if value.startswith(SIGNUP_GRANT_KEY_PREFIX):
         raise RuleViolation(f"must not start with {SIGNUP_GRANT_KEY_PREFIX!r}, kept for sign-up grants")
-    return value
-
-
-def check_text(value: str, max_length: int) -> str:
-    if not value.strip():
-        raise RuleViolation("is required")
-    if len(value) > max_length:
-        raise RuleViolation(f"must be at most {max_length} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise RuleViolation("must not contain control characters")
     return value
 
 

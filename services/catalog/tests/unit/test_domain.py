@@ -56,14 +56,6 @@ def test_tax_rates_are_percentages_with_at_most_four_fractional_digits() -> None
             domain.parse_tax_rate_percent(bad)
 
 
-def test_text_must_be_present_bounded_and_printable() -> None:
-    assert domain.check_text("Acme SAS", 10) == "Acme SAS"
-    for bad, complaint in (("   ", "required"), ("x" * 11, "at most 10"), ("a\tb", "control")):
-        with pytest.raises(RuleViolation, match=complaint):
-            domain.check_text(bad, 10)
-    assert domain.check_optional_text("", 10) == ""
-
-
 def test_patterns_match_whole_values_only() -> None:
     assert domain.check_pattern("llm.tokens", domain.OPERATION_CODE_PATTERN, "x") == "llm.tokens"
     for bad in ("LLM", "llm\n", "1llm", "llm tokens", "a" * 64):
