@@ -12,4 +12,3 @@ def test_text_must_be_present_bounded_and_printable() -> None:
     for bad, complaint in (("   ", "required"), ("x" * 11, "at most 10"), ("a\tb", "control")):
         with pytest.raises(RuleViolation, match=complaint):
             check_text(bad, 10)
-    assert domain.check_optional_text("", 10) == ""

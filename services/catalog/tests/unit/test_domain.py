@@ -384,3 +384,10 @@ def test_a_price_overlapping_a_scheduled_one_is_refused_but_other_currencies_are
     assert refused.value.reason == "PRICE_VERSION_OVERLAP"
     other = _price(product, Money(1100, "USD"), T0 + timedelta(days=1), T0, [scheduled])
     assert other.superseded is None
+
+
+def test_optional_text_may_be_empty_but_otherwise_follows_the_text_rule() -> None:
+    assert domain.check_optional_text("", 10) == ""
+    assert domain.check_optional_text("Suite 5", 10) == "Suite 5"
+    with pytest.raises(RuleViolation, match="at most 10"):
+        domain.check_optional_text("x" * 11, 10)
