@@ -1,0 +1,1 @@
+"""receipt: receipts and credit notes for settled purchases and refunds."""
