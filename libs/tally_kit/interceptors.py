@@ -23,8 +23,6 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -58,41 +56,53 @@ access_log = logging.getLogger("tally_kit.access")
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-@dataclass(frozen=True)
 class _Rpc:
-    method: str
-    labels: metrics.RpcLabels
-    auth_exempt: bool
+    """What the interceptor needs of one method, worked out once: its policy and metric children."""
+
+    __slots__ = ("auth_exempt", "method", "metrics", "roles")
+
+    def __init__(self, method: str, handler: grpc.RpcMethodHandler) -> None:
+        labels = metrics.RpcLabels.of(
+            method, request_streaming=handler.request_streaming, response_streaming=handler.response_streaming
+        )
+        self.method = method
+        self.auth_exempt = labels.grpc_service in AUTH_EXEMPT_SERVICES
+        self.roles = None if self.auth_exempt else required_roles(method)
+        self.metrics = metrics.ServerMethodMetrics(labels)
 
 
 class _Call:
     """One RPC in flight. Creating it sets the call's correlation id and counts the start."""
 
+    __slots__ = ("_started", "authorization", "code", "context", "echoed_metadata", "reason", "rpc")
+
     def __init__(self, rpc: _Rpc, context: grpc.aio.ServicerContext) -> None:
+        self._started = time.perf_counter()
         self.rpc = rpc
         self.context = context
-        self.metadata: dict[str, str | bytes] = dict(context.invocation_metadata() or ())
         self.code: grpc.StatusCode | None = None
         self.reason = ""
-        self._started = time.perf_counter()
-        given = self.metadata.get(REQUEST_ID_KEY)
+        given: str | bytes | None = None
+        self.authorization: str | bytes | None = None
+        # The last value of a repeated key wins, as in a dict of the metadata.
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_KEY:
+                given = value
+            elif key == AUTHORIZATION_KEY:
+                self.authorization = value
         correlation_id = (
             given if isinstance(given, str) and _REQUEST_ID_PATTERN.fullmatch(given) else str(uuid.uuid4())
         )
         call_context.correlation_id.set(correlation_id)
         self.echoed_metadata = ((REQUEST_ID_KEY, correlation_id),)
         context.set_trailing_metadata(self.echoed_metadata)
-        metrics.server_started.labels(*rpc.labels.values()).inc()
-        metrics.server_msg_received.labels(*rpc.labels.values()).inc()
-
-    def message_sent(self) -> None:
-        metrics.server_msg_sent.labels(*self.rpc.labels.values()).inc()
+        rpc.metrics.started()
 
     def finish(self) -> None:
         code = self.code or self._interruption_code()
         elapsed = time.perf_counter() - self._started
-        metrics.observe_server_handled(self.rpc.labels, code, elapsed)
-        if not self.rpc.auth_exempt:
+        self.rpc.metrics.handled(code, elapsed)
+        if not self.rpc.auth_exempt and access_log.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
                 "grpc_method": self.rpc.method,
                 "grpc_code": code.name,
@@ -100,7 +110,13 @@ class _Call:
             }
             if self.reason:
                 fields["reason"] = self.reason
-            access_log.info("rpc handled", extra=fields)
+            # Straight to the handlers: Logger.info would also walk the stack for the caller's
+            # file and line, which an access line has no use for.
+            access_log.handle(
+                access_log.makeRecord(
+                    access_log.name, logging.INFO, __file__, 0, "rpc handled", (), None, extra=fields
+                )
+            )
 
     def _interruption_code(self) -> grpc.StatusCode:
         # No status was reached: the client cancelled or the deadline passed.
@@ -114,6 +130,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, settings: ServiceSettings, verifier: TokenVerifier) -> None:
         self._domain = error_domain(settings.service_name)
         self._verifier = verifier
+        # By method: the servicer's handler and its wrapped version. grpc.aio asks for the
+        # handler on every call; the wrapping is worked out once per method. Bounded by the
+        # methods the server registers (an unknown method has no handler).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -124,10 +144,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        labels = metrics.RpcLabels.of(
-            method, request_streaming=handler.request_streaming, response_streaming=handler.response_streaming
-        )
-        rpc = _Rpc(method, labels, labels.grpc_service in AUTH_EXEMPT_SERVICES)
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(_Rpc(method, handler), handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, rpc: _Rpc, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.request_streaming:
             return handler if rpc.auth_exempt else _refusing_client_streams(handler)
         if handler.response_streaming:
@@ -143,56 +167,67 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _unary_unary(self, rpc: _Rpc, behavior: UnaryBehavior) -> UnaryBehavior:
+        message_sent = rpc.metrics.message_sent
+
         async def handle(request: Message, context: grpc.aio.ServicerContext) -> Any:
-            async with self._observed(rpc, request, context) as call:
+            call = _Call(rpc, context)
+            try:
+                await self._authorize(call, request)
                 response = await behavior(request, context)
-                call.message_sent()
-            return response
+                message_sent()
+                call.code = grpc.StatusCode.OK
+                return response
+            except Exception as exc:
+                await self._fail(call, exc)
+            finally:
+                call.finish()
 
         return handle
 
     def _unary_stream(self, rpc: _Rpc, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        message_sent = rpc.metrics.message_sent
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with self._observed(rpc, request, context) as call:
+                call = _Call(rpc, context)
+                try:
+                    await self._authorize(call, request)
                     async for response in behavior(request, context):
-                        call.message_sent()
+                        message_sent()
                         yield response
+                    call.code = grpc.StatusCode.OK
+                except Exception as exc:
+                    await self._fail(call, exc)
+                finally:
+                    call.finish()
 
             return stream
 
         async def write(request: Message, context: grpc.aio.ServicerContext) -> None:
             # The servicer writes with context.write(), which the kit does not count.
-            async with self._observed(rpc, request, context):
+            call = _Call(rpc, context)
+            try:
+                await self._authorize(call, request)
                 await behavior(request, context)
+                call.code = grpc.StatusCode.OK
+            except Exception as exc:
+                await self._fail(call, exc)
+            finally:
+                call.finish()
 
         return write
-
-    @asynccontextmanager
-    async def _observed(
-        self, rpc: _Rpc, request: Message, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[_Call]:
-        call = _Call(rpc, context)
-        try:
-            await self._authorize(call, request)
-            yield call
-            call.code = grpc.StatusCode.OK
-        except Exception as exc:
-            await self._fail(call, exc)
-        finally:
-            call.finish()
 
     async def _authorize(self, call: _Call, request: Message) -> None:
         request_merchant = _merchant_of(request)
         if request_merchant:
             call_context.merchant_id.set(request_merchant)
-        if call.rpc.auth_exempt:
+        rpc = call.rpc
+        if rpc.auth_exempt:
             return
-        roles = required_roles(call.rpc.method)
+        roles = rpc.roles
         if roles is None:
             raise PermissionDenied("this RPC declares no access policy", reason="ACCESS_POLICY_MISSING")
-        token = _bearer_token(call.metadata.get(AUTHORIZATION_KEY))
+        token = _bearer_token(call.authorization)
         if token is None:
             if not roles:
                 return
@@ -221,12 +256,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         await call.context.abort(code, details, trailing_metadata=(*trailing, *call.echoed_metadata))
 
 
+# By request message type: whether it has a string `merchant_id` field.
+_HAS_MERCHANT_FIELD: dict[type[Message], bool] = {}
+
+
 def _merchant_of(request: Message) -> str | None:
     """The request's `merchant_id`, or None when its message has no such string field."""
-    field = request.DESCRIPTOR.fields_by_name.get("merchant_id")
-    if field is None or field.type != FieldDescriptor.TYPE_STRING:
-        return None
-    return str(getattr(request, field.name))
+    message_type = type(request)
+    has_field = _HAS_MERCHANT_FIELD.get(message_type)
+    if has_field is None:
+        field = request.DESCRIPTOR.fields_by_name.get("merchant_id")
+        has_field = _HAS_MERCHANT_FIELD[message_type] = (
+            field is not None and field.type == FieldDescriptor.TYPE_STRING
+        )
+    return request.merchant_id if has_field else None  # type: ignore[attr-defined]
 
 
 def _bearer_token(header: str | bytes | None) -> str | None:

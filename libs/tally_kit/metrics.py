@@ -67,9 +67,35 @@ class RpcLabels:
         return self.grpc_type, self.grpc_service, self.grpc_method
 
 
-def observe_server_handled(labels: RpcLabels, code: grpc.StatusCode, seconds: float) -> None:
-    server_handled.labels(*labels.values(), code.name).inc()
-    server_handling_seconds.labels(*labels.values()).observe(seconds)
+class ServerMethodMetrics:
+    """The `grpc_server_*` series of one method, bound once: `.labels()` on every call would
+    take the metric's lock and look its labels up each time."""
+
+    __slots__ = ("_handled", "_handling_seconds", "_label_values", "_received", "_sent", "_started")
+
+    def __init__(self, labels: RpcLabels) -> None:
+        values = labels.values()
+        self._label_values = values
+        self._started = server_started.labels(*values)
+        self._received = server_msg_received.labels(*values)
+        self._sent = server_msg_sent.labels(*values)
+        self._handling_seconds = server_handling_seconds.labels(*values)
+        self._handled: dict[grpc.StatusCode, Counter] = {}
+
+    def started(self) -> None:
+        # A unary or server-streaming call has received its one request when it starts.
+        self._started.inc()
+        self._received.inc()
+
+    def message_sent(self) -> None:
+        self._sent.inc()
+
+    def handled(self, code: grpc.StatusCode, seconds: float) -> None:
+        counter = self._handled.get(code)
+        if counter is None:
+            counter = self._handled[code] = server_handled.labels(*self._label_values, code.name)
+        counter.inc()
+        self._handling_seconds.observe(seconds)
 
 
 def observe_client_handled(labels: RpcLabels, code: grpc.StatusCode, seconds: float) -> None:
