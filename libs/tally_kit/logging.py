@@ -17,18 +17,28 @@ from tally_kit import context
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# default=str: an extra that JSON cannot encode (a Decimal, a UUID) is logged as its text.
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ts, level, service, logger, message, call context, extras."""
+    """One JSON object per record: ts, level, service, logger, message, call context, extras.
+
+    It runs for every access log line, so the timestamp's text up to the second is kept
+    from one record to the next.
+    """
 
     def __init__(self, service: str) -> None:
         super().__init__()
         self._service = service
+        # (epoch second, its text): one attribute, so a formatter shared by handlers in
+        # several threads never pairs a second with another second's text.
+        self._last_second: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname,
             "service": self._service,
             "logger": record.name,
@@ -45,8 +55,16 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD_RECORD_ATTRIBUTES and key not in entry:
                 entry[key] = value
-        # default=str: an extra that JSON cannot encode (a Decimal, a UUID) is logged as its text.
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _ENCODER.encode(entry)
+
+    def _timestamp(self, created: float) -> str:
+        """ISO 8601 in UTC to the millisecond (truncated), e.g. `2025-01-31T12:00:00.123+00:00`."""
+        second = int(created)
+        cached_second, text = self._last_second
+        if second != cached_second:
+            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._last_second = (second, text)
+        return f"{text}.{int((created - second) * 1000):03d}+00:00"
 
 
 def configure_logging(service: str, level: str) -> None:
