@@ -416,3 +416,35 @@ async def test_a_connection_whose_session_changed_is_reset_before_reuse(
     finally:
         await pools.close()
         await directory.close()
+
+
+async def test_a_caller_waits_for_a_busy_pool_only_so_long_and_gets_a_released_connection(
+    kit_settings: ServiceSettings,
+) -> None:
+    settings = kit_settings.model_copy(
+        update={"service_name": "busy", "db_pool_max_size": 1, "db_command_timeout_seconds": 0.5}
+    )
+    directory = MerchantDirectory(settings)
+    await directory.start()
+    try:
+        await directory.provision("single")
+        async with directory.connection("single") as held:
+            started = time.perf_counter()
+            with pytest.raises(Unavailable) as raised:
+                async with directory.connection("single"):
+                    pass
+            assert raised.value.reason == "DB_CONNECTIONS_EXHAUSTED"
+            assert 0.4 <= time.perf_counter() - started < 2.0
+            backend = await held.fetchval("SELECT pg_backend_pid()")
+
+        async def wait_then_use() -> int:
+            async with directory.connection("single") as conn:
+                return await conn.fetchval("SELECT pg_backend_pid()")
+
+        async with directory.connection("single"):
+            waiter = asyncio.create_task(wait_then_use())
+            await asyncio.sleep(0.1)
+            assert not waiter.done()
+        assert await waiter == backend
+    finally:
+        await directory.close()

@@ -17,6 +17,7 @@ costs no control-database query.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -82,8 +83,9 @@ class MerchantPlacement:
     server: str  # "host:port"
     database: str
 
-    @property
+    @functools.cached_property
     def address(self) -> DatabaseAddress:
+        # Cached: every call on the merchant looks its pool up by this address.
         return DatabaseAddress(self.server, self.database)
 
 
@@ -185,13 +187,20 @@ class MerchantDirectory:
                 applied[merchant_id] = await apply_migrations(conn, self._merchant_migrations)
         return applied
 
-    @asynccontextmanager
-    async def connection(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
+    def connection(self, merchant_id: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A connection to the merchant's database; NotFound if it has none.
 
         It goes back to its pool without a reset: change session state (SET, LISTEN,
         session advisory locks) only inside a transaction, where it ends with the transaction.
         """
+        placement = self._placements.get(merchant_id)
+        if placement is not None:
+            # The path of nearly every call: no coroutine, no generator, one pool lookup.
+            return self._pools.connection(placement.address)
+        return self._connection_after_lookup(merchant_id)
+
+    @asynccontextmanager
+    async def _connection_after_lookup(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
         placement = await self._placement(merchant_id)
         async with self._pools.connection(placement.address) as conn:
             yield conn

@@ -26,9 +26,9 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 from prometheus_client import Counter, Gauge
@@ -55,8 +55,10 @@ def server_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@dataclass(frozen=True)
-class DatabaseAddress:
+class DatabaseAddress(NamedTuple):
+    """Where a database lives. A tuple: it keys the pools on every call, and a tuple's
+    hash and equality run in C where a dataclass's run in Python."""
+
     server: str  # "host:port"
     database: str
 
@@ -73,6 +75,7 @@ class DatabaseAddress:
 class _PoolEntry:
     address: DatabaseAddress
     pool: asyncpg.Pool
+    max_size: int
     # Callers holding or waiting for one of the pool's connections.
     users: int = 0
     # Evicted: no new caller gets this pool; it closes once its users are gone.
@@ -116,40 +119,13 @@ class BoundedPools:
 
     async def pin(self, address: DatabaseAddress, *, max_size: int) -> None:
         if address not in self._pinned:
-            self._pinned[address] = _PoolEntry(address, await self._create_pool(address, max_size))
+            self._pinned[address] = _PoolEntry(address, await self._create_pool(address, max_size), max_size)
 
-    @asynccontextmanager
-    async def connection(
+    def connection(
         self, address: DatabaseAddress, *, changes_session: bool = False
-    ) -> AsyncIterator[asyncpg.Connection]:
+    ) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A pooled connection; `changes_session` if the caller changes session state (see above)."""
-        entry = self._pinned.get(address) or await self._evictable_entry(address)
-        entry.users += 1
-        try:
-            try:
-                conn = await entry.pool.acquire(timeout=self._acquire_timeout)
-            except TimeoutError:
-                raise self._exhausted() from None
-            CONNECTIONS_IN_USE.inc()
-            try:
-                yield cast(asyncpg.Connection, conn)
-            finally:
-                CONNECTIONS_IN_USE.dec()
-                try:
-                    if self._slot_waiters:
-                        await _close_quietly(conn)
-                    elif changes_session:
-                        await self._reset_session(conn)
-                finally:
-                    await entry.pool.release(conn)
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                if entry.retired:
-                    self._close_in_background(entry)
-                elif self._slot_waiters and address in self._pools:
-                    del self._pools[address]
-                    self._retire(entry)
+        return _Lease(self, address, changes_session)
 
     @asynccontextmanager
     async def direct_connection(self, address: DatabaseAddress) -> AsyncIterator[asyncpg.Connection]:
@@ -159,9 +135,7 @@ class BoundedPools:
         legitimately take long on a busy server.
         """
         try:
-            conn = await asyncio.wait_for(
-                self._open_connection(**self._connect_arguments(address)), self._acquire_timeout
-            )
+            conn = await self._open_connection(**self._connect_arguments(address))
         except TimeoutError:
             raise self._exhausted() from None
         try:
@@ -183,18 +157,64 @@ class BoundedPools:
             self._close_in_background(entry)
         await asyncio.gather(*(entry.closing for entry in entries if entry.closing is not None))
 
-    async def _evictable_entry(self, address: DatabaseAddress) -> _PoolEntry:
-        entry = self._pools.get(address)
+    async def _lend(self, address: DatabaseAddress) -> tuple[_PoolEntry, asyncpg.Connection]:
+        """The pool of `address` (opened if need be) and one of its connections.
+
+        Every call runs this: a pool in use is found with two dict lookups and no lock.
+        """
+        entry = self._pinned.get(address)
         if entry is None:
-            async with self._create_lock:
-                entry = self._pools.get(address)
-                if entry is None:
-                    if len(self._pools) >= self._max_pools:
-                        _, least_recently_used = self._pools.popitem(last=False)
-                        self._retire(least_recently_used)
-                    entry = _PoolEntry(address, await self._create_pool(address, self._pool_max_size))
-                    self._pools[address] = entry
-        self._pools.move_to_end(address)
+            entry = self._pools.get(address)
+            if entry is None:
+                entry = await self._open_entry(address)
+            self._pools.move_to_end(address)
+        # Fewer users than connections: one is idle, or there is room to open one (which
+        # _open_connection bounds by the acquire timeout), so no waiting in the pool's queue
+        # and no timer to arm and cancel, as every call would otherwise.
+        may_wait = entry.users >= entry.max_size
+        entry.users += 1
+        try:
+            conn = await entry.pool.acquire(timeout=self._acquire_timeout if may_wait else None)
+        except BaseException as error:
+            self._user_left(entry)
+            if isinstance(error, TimeoutError):
+                raise self._exhausted() from None
+            raise
+        CONNECTIONS_IN_USE.inc()
+        return entry, cast(asyncpg.Connection, conn)
+
+    async def _give_back(self, entry: _PoolEntry, conn: asyncpg.Connection, changes_session: bool) -> None:
+        CONNECTIONS_IN_USE.dec()
+        try:
+            try:
+                if self._slot_waiters:
+                    await _close_quietly(conn)
+                elif changes_session:
+                    await self._reset_session(conn)
+            finally:
+                await entry.pool.release(conn)
+        finally:
+            self._user_left(entry)
+
+    def _user_left(self, entry: _PoolEntry) -> None:
+        entry.users -= 1
+        if entry.users == 0:
+            if entry.retired:
+                self._close_in_background(entry)
+            elif self._slot_waiters and self._pools.get(entry.address) is entry:
+                del self._pools[entry.address]
+                self._retire(entry)
+
+    async def _open_entry(self, address: DatabaseAddress) -> _PoolEntry:
+        async with self._create_lock:
+            entry = self._pools.get(address)
+            if entry is None:
+                if len(self._pools) >= self._max_pools:
+                    _, least_recently_used = self._pools.popitem(last=False)
+                    self._retire(least_recently_used)
+                pool = await self._create_pool(address, self._pool_max_size)
+                entry = _PoolEntry(address, pool, self._pool_max_size)
+                self._pools[address] = entry
         return entry
 
     async def _create_pool(self, address: DatabaseAddress, max_size: int) -> asyncpg.Pool:
@@ -223,21 +243,23 @@ class BoundedPools:
         }
 
     async def _open_connection(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
-        """Every connection, pooled or not, is opened here, after taking a slot."""
-        if self._slots.locked():
-            self._reclaim_idle_pool()
-        self._slot_waiters += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._slot_waiters -= 1
-        try:
-            conn = await asyncpg.connect(*args, **kwargs)
-        except BaseException:
-            self._slots.release()
-            raise
-        CONNECTIONS_OPEN.inc()
-        conn.add_termination_listener(self._on_connection_closed)
+        """Every connection, pooled or not, is opened here: a slot, then the connection, both
+        within the acquire timeout (TimeoutError otherwise)."""
+        async with asyncio.timeout(self._acquire_timeout):
+            if self._slots.locked():
+                self._reclaim_idle_pool()
+            self._slot_waiters += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._slot_waiters -= 1
+            try:
+                conn = await asyncpg.connect(*args, **kwargs)
+            except BaseException:
+                self._slots.release()
+                raise
+            CONNECTIONS_OPEN.inc()
+            conn.add_termination_listener(self._on_connection_closed)
         return conn
 
     def _on_connection_closed(self, _conn: asyncpg.Connection) -> None:
@@ -289,6 +311,25 @@ class BoundedPools:
             f"no database connection became free within {self._acquire_timeout:g} s",
             reason="DB_CONNECTIONS_EXHAUSTED",
         )
+
+
+class _Lease:
+    """`async with pools.connection(address) as conn`: a class rather than a generator-based
+    context manager, which would cost an async generator and its plumbing on every call."""
+
+    __slots__ = ("_address", "_changes_session", "_conn", "_entry", "_pools")
+
+    def __init__(self, pools: BoundedPools, address: DatabaseAddress, changes_session: bool) -> None:
+        self._pools = pools
+        self._address = address
+        self._changes_session = changes_session
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._entry, self._conn = await self._pools._lend(self._address)
+        return self._conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pools._give_back(self._entry, self._conn, self._changes_session)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
