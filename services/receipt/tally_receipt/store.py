@@ -424,7 +424,7 @@ async def credit_notes_of(conn: asyncpg.Connection, merchant_id: str, receipt_id
     """The receipt's credit notes, oldest first."""
     rows = await conn.fetch(
         f"SELECT {_CREDIT_NOTE_COLUMNS} FROM {_CREDIT_NOTE_FROM} "
-        "WHERE c.merchant_id = $1 AND c.receipt_id = $2 ORDER BY c.issued_at, c.credit_note_id",
+        "WHERE c.merchant_id = $1 AND c.receipt_id = $2 ORDER BY c.issued_at, c.sequence",
         merchant_id,
         receipt_id,
     )

@@ -156,7 +156,7 @@ CREATE TABLE credit_notes (
     CONSTRAINT credit_notes_year_of_issue CHECK (year = extract(year FROM issued_at AT TIME ZONE 'UTC'))
 );
 
-CREATE INDEX credit_notes_by_receipt ON credit_notes (merchant_id, receipt_id, issued_at, credit_note_id);
+CREATE INDEX credit_notes_by_receipt ON credit_notes (merchant_id, receipt_id, issued_at, sequence);
 
 -- Documents are immutable.
 CREATE FUNCTION documents_immutable() RETURNS trigger

@@ -161,7 +161,9 @@ def test_net_plus_tax_is_the_gross_and_the_net_is_the_nearest_unit(
 
 @settings(max_examples=500)
 @given(listed_net=grosses, rate=rates)
-def test_a_price_excluding_tax_is_recovered_exactly_from_what_was_charged(listed_net: int, rate: Decimal) -> None:
+def test_a_price_excluding_tax_is_recovered_exactly_from_what_was_charged(
+    listed_net: int, rate: Decimal
+) -> None:
     regime = TaxRegime(rate_percent=rate, prices_include_tax=False)
     paid = checkout_total(listed_net, regime)
     amounts = domain.split_gross(paid, regime)
