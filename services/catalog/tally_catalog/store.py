@@ -152,20 +152,36 @@ _PRODUCT_COLUMNS = """
     merchant_id, product_id, name, credits, access_period_days, distribution, grant_policy,
     created_at, archived_at
 """
+# Read on every GetProduct: built once, so asyncpg's statement cache sees the same string.
+_SELECT_PRODUCT = f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE merchant_id = $1 AND product_id = $2"
+_SELECT_PRODUCT_FOR_UPDATE = f"{_SELECT_PRODUCT} FOR UPDATE"
+_LIST_PRODUCTS = f"""
+    SELECT {_PRODUCT_COLUMNS} FROM products
+     WHERE merchant_id = $1
+       AND ($2::text IS NULL OR distribution = $2)
+       AND ($3::text IS NULL OR grant_policy = $3)
+       AND ($4 OR archived_at IS NULL)
+       AND ($5::timestamptz IS NULL OR (created_at, product_id) > ($5, $6::uuid))
+     ORDER BY created_at, product_id
+     LIMIT $7
+"""
+# Enum members by stored value: a dict lookup costs a fraction of calling the enum.
+_DISTRIBUTIONS = {member.value: member for member in Distribution}
+_GRANT_POLICIES = {member.value: member for member in GrantPolicy}
 
 
-def _product(row: asyncpg.Record, prefix: str = "") -> Product:
-    grant_policy = row[f"{prefix}grant_policy"]
+def _product(row: asyncpg.Record) -> Product:
+    grant_policy = row["grant_policy"]
     return Product(
-        product_id=row[f"{prefix}product_id"],
-        merchant_id=row[f"{prefix}merchant_id"],
-        name=row[f"{prefix}name"],
-        credits=row[f"{prefix}credits"],
-        access_period_days=row[f"{prefix}access_period_days"],
-        distribution=Distribution(row[f"{prefix}distribution"]),
-        grant_policy=GrantPolicy(grant_policy) if grant_policy is not None else None,
-        created_at=row[f"{prefix}created_at"],
-        archived_at=row[f"{prefix}archived_at"],
+        product_id=row["product_id"],
+        merchant_id=row["merchant_id"],
+        name=row["name"],
+        credits=row["credits"],
+        access_period_days=row["access_period_days"],
+        distribution=_DISTRIBUTIONS[row["distribution"]],
+        grant_policy=_GRANT_POLICIES[grant_policy] if grant_policy is not None else None,
+        created_at=row["created_at"],
+        archived_at=row["archived_at"],
     )
 
 
@@ -189,10 +205,7 @@ async def find_product(
 ) -> Product | None:
     """The product or None; `lock` serialises what changes or depends on it (prices, archiving)."""
     row = await conn.fetchrow(
-        f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE merchant_id = $1 AND product_id = $2"
-        f"{' FOR UPDATE' if lock else ''}",
-        merchant_id,
-        product_id,
+        _SELECT_PRODUCT_FOR_UPDATE if lock else _SELECT_PRODUCT, merchant_id, product_id
     )
     return _product(row) if row is not None else None
 
@@ -226,16 +239,7 @@ async def list_products(
 ) -> Page[Product]:
     after_time, after_id = page.after if page.after is not None else (None, None)
     rows = await conn.fetch(
-        f"""
-        SELECT {_PRODUCT_COLUMNS} FROM products
-         WHERE merchant_id = $1
-           AND ($2::text IS NULL OR distribution = $2)
-           AND ($3::text IS NULL OR grant_policy = $3)
-           AND ($4 OR archived_at IS NULL)
-           AND ($5::timestamptz IS NULL OR (created_at, product_id) > ($5, $6::uuid))
-         ORDER BY created_at, product_id
-         LIMIT $7
-        """,
+        _LIST_PRODUCTS,
         merchant_id,
         distribution.value if distribution is not None else None,
         grant_policy.value if grant_policy is not None else None,
