@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 from decimal import Decimal
+from uuid import UUID
 
 import pytest
 from ledger_harness import (
@@ -29,6 +30,7 @@ from tally_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument,
 from tally_kit.uow import Transaction
 from tally_ledger import events
 from tally_ledger.catalog import Distribution, GrantPolicy
+from tally_ledger.domain import Operation, OperationState
 from tally_ledger.servicer import LedgerServicer
 from tally_ledger.services import Ledger
 
@@ -155,11 +157,12 @@ async def test_debits_take_fifo_across_mixed_expiries_never_expiring_last(
 
 
 async def test_debt_is_refused_new_operations_until_a_new_lot_settles_it_exactly(
-    client: Client, directory: MerchantDirectory, merchant_id: str
+    client: Client, directory: MerchantDirectory, merchant_id: str, clock: Clock
 ) -> None:
     user = new_user()
     await client.register(user)
     first = (await client.grant(user, "3")).lot
+    clock.advance(timedelta(seconds=1))
     second = (await client.grant(user, "2")).lot
 
     closed = await client.consume(user, "3500", workflow_id="wf-debt")  # 7 credits
@@ -272,7 +275,7 @@ async def test_only_sellable_products_settle_even_once_archived(
     )
     refused = await refusal(client.settle(user, grant.product_id))
     assert isinstance(refused, FailedPrecondition) and refused.reason == "PRODUCT_NOT_SELLABLE"
-    refused = await refusal(client.settle(user, archived.product_id.__class__(int=7)))
+    refused = await refusal(client.settle(user, UUID(int=7)))
     assert isinstance(refused, NotFound) and refused.reason == "PRODUCT_NOT_FOUND"
 
 
@@ -529,18 +532,15 @@ async def test_an_operation_left_open_times_out_without_a_debit(
     operation = await client.open(user)
     timeout = timedelta(minutes=15)
 
-    async def time_out() -> object:
+    async def time_out() -> Operation | None:
         async with directory.transaction(merchant_id) as conn:
             tx = Transaction(conn, merchant_id=merchant_id, producer="ledger")
-            return await ledger.time_out_operation(tx, merchant_id, operation_uuid, timeout)
+            return await ledger.time_out_operation(tx, merchant_id, UUID(operation.operation_id), timeout)
 
-    from uuid import UUID
-
-    operation_uuid = UUID(operation.operation_id)
     assert await time_out() is None  # not due yet
     clock.advance(timeout)
     timed_out = await time_out()
-    assert timed_out is not None and timed_out.state.value == "timed_out"
+    assert timed_out is not None and timed_out.state is OperationState.TIMED_OUT
     assert await time_out() is None  # no longer open
     refused = await refusal(client.close(operation.operation_id, "1"))
     assert isinstance(refused, FailedPrecondition) and refused.reason == "OPERATION_NOT_OPEN"
@@ -695,6 +695,7 @@ async def test_lots_are_listed_by_issue_and_filtered_by_state(
     user = new_user()
     await client.register(user)
     expiring = (await client.grant(user, "10", expires_at=clock.now + DAY)).lot
+    clock.advance(timedelta(seconds=1))
     depleted = (await client.grant(user, "4")).lot
     clock.advance(timedelta(seconds=1))
     refunded = (await client.settle(user, product.product_id)).lot
