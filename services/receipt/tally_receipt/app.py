@@ -12,7 +12,7 @@ from tally_kit.db import MerchantDirectory
 from tally_kit.events import EventConsumer, OutboxRelay
 from tally_kit.server import ServiceApp, ServiceRegistration
 
-from tally_receipt.catalog_client import CatalogMerchantProfiles
+from tally_receipt.catalog_client import CatalogMerchantProfiles, MerchantProfiles
 from tally_receipt.handlers import PRODUCER, Clock, LedgerEventHandlers, utc_now
 from tally_receipt.pdf import Fonts
 from tally_receipt.servicer import SERVICE_NAME, ReceiptServicer
@@ -50,19 +50,31 @@ class PublishingAfterCommit:
         self._relay.notify(merchant_id)
 
 
-def build_app(settings: ReceiptSettings | None = None, *, clock: Clock = utc_now) -> ServiceApp:
+def build_app(
+    settings: ReceiptSettings | None = None,
+    *,
+    clock: Clock = utc_now,
+    profiles: MerchantProfiles | None = None,
+) -> ServiceApp:
+    """The service; `profiles` (closed with the app) defaults to the catalog at `catalog_target`."""
     settings = settings or ReceiptSettings()
     fonts = Fonts(regular=Path(settings.pdf_font_file), bold=Path(settings.pdf_bold_font_file))
     directory = build_directory(settings)
     relay = OutboxRelay(settings, directory, producer=PRODUCER)
-    profiles = CatalogMerchantProfiles.open(settings)
+    merchant_profiles = profiles or CatalogMerchantProfiles.open(settings)
+
+    async def prepare_merchant(merchant_id: str) -> None:
+        # Only a merchant the catalog knows gets a database, created on its first event; the
+        # profile read here is then in the cache for the handler.
+        await merchant_profiles.profile(merchant_id)
+        await directory.provision(merchant_id)
+
     consumer = EventConsumer(
         settings,
         PublishingAfterCommit(directory, relay),
         service=settings.consumer_name,
-        handlers=LedgerEventHandlers(profiles, clock=clock).by_event_type(),
-        # The first event of a merchant creates its database.
-        prepare_merchant=directory.provision,
+        handlers=LedgerEventHandlers(merchant_profiles, clock=clock).by_event_type(),
+        prepare_merchant=prepare_merchant,
     )
     servicer = ReceiptServicer(directory, fonts)
 
@@ -80,5 +92,5 @@ def build_app(settings: ReceiptSettings | None = None, *, clock: Clock = utc_now
         on_start=[check_fonts, directory.start, relay.start, consumer.start],
         # In-flight handlers finish first; the relay then flushes what they committed before
         # the directory's pools close.
-        on_stop=[consumer.stop, relay.stop, profiles.close, directory.close],
+        on_stop=[consumer.stop, relay.stop, merchant_profiles.close, directory.close],
     )

@@ -30,6 +30,7 @@ from tally_kit.amounts import parse_decimal
 from tally_kit.auth import issue_dev_token
 from tally_kit.cache import ExpiringCache
 from tally_kit.clients import open_channel
+from tally_kit.db import is_valid_merchant_id
 from tally_kit.errors import NotFound, RuleViolation, Unavailable
 from tally_kit.status import UpstreamError
 
@@ -52,6 +53,8 @@ class MerchantProfiles(Protocol):
     async def profile(self, merchant_id: str) -> MerchantProfile:
         """NotFound (MERCHANT_NOT_FOUND); Unavailable (CATALOG_UNAVAILABLE)."""
         ...
+
+    async def close(self) -> None: ...
 
 
 class ServiceToken:
@@ -106,6 +109,9 @@ class CatalogMerchantProfiles:
         await self._channel.close()
 
     async def profile(self, merchant_id: str) -> MerchantProfile:
+        if not is_valid_merchant_id(merchant_id):
+            # The catalog would refuse it as bad input: no merchant has such an id.
+            raise NotFound(f"merchant {merchant_id!r} does not exist", reason="MERCHANT_NOT_FOUND")
         cached = self._cache.get(merchant_id)
         if cached is not None:
             return cached

@@ -30,7 +30,11 @@ class ReceiptSettings(ServiceSettings):
 
     # Names the event consumer's queue `<name>.events`, its dead-letter exchange `<name>.dlx`
     # and its parking queue `<name>.parking`.
-    consumer_name: str = Field("receipt", pattern=r"^[a-z][a-z0-9_-]{0,40}$")
+    consumer_name: str = Field("receipt", pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
+    # Attempts at an event before it is parked. With the consumer's backoff (0.5 s doubling,
+    # at most 30 s) ten attempts ride out a catalog outage of about two minutes, the circuit
+    # breaker's 30 s pause included; events of a longer one are parked for replay.
+    consumer_delivery_limit: int = Field(10, ge=1)
 
     # TrueType fonts the PDF documents are set in (regular and bold).
     pdf_font_file: str = DEJAVU_SANS
