@@ -7,6 +7,7 @@ callers spread over `--channels` channels, and prints figures:
     make bench                       # defaults: 64 callers, 15 s per phase
     .venv/bin/python bench/catalog_bench.py --callers 64 --seconds 15
     .venv/bin/python bench/catalog_bench.py --ceiling   # bare grpc.aio health server, no kit
+    .venv/bin/python bench/catalog_bench.py --servers 2 --channels 2   # two processes, one port
 
 Targets on a 2-core machine, client included: >= 3,000 GetProduct/s; a new merchant
 ready (CreateMerchant answered) in < 500 ms.
@@ -29,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,8 +106,10 @@ def process_cpu_seconds(pid: int) -> float | None:
 class CpuMeter:
     """CPU seconds used by the client, the server and the server's PostgreSQL backends."""
 
-    def __init__(self, server_pid: int, backend_pids: Callable[[], Awaitable[Sequence[int]]] | None) -> None:
-        self._server_pid = server_pid
+    def __init__(
+        self, server_pids: Sequence[int], backend_pids: Callable[[], Awaitable[Sequence[int]]] | None
+    ) -> None:
+        self._server_pids = server_pids
         self._backend_pids = backend_pids
 
     async def sample(self) -> dict[str, dict[int, float]]:
@@ -115,7 +119,7 @@ class CpuMeter:
             "server": {},
             "postgres": {},
         }
-        for role, pids in (("server", (self._server_pid,)), ("postgres", backends)):
+        for role, pids in (("server", self._server_pids), ("postgres", backends)):
             for pid in pids:
                 seconds = process_cpu_seconds(pid)
                 if seconds is not None:
@@ -239,7 +243,7 @@ async def ceiling(args: argparse.Namespace) -> None:
         async def check(n: int) -> object:
             return await stubs[n % len(stubs)].Check(request, timeout=CALL_TIMEOUT_SECONDS)
 
-        result = await drive(args.callers, args.seconds, check, CpuMeter(server.pid, None))
+        result = await drive(args.callers, args.seconds, check, CpuMeter([server.pid], None))
         print(header(args, "ceiling, bare grpc.aio health server"))
         print(result.line("Health.Check"))
     finally:
@@ -249,21 +253,48 @@ async def ceiling(args: argparse.Namespace) -> None:
         await server.wait()
 
 
+def serving_metrics(metrics_port: int) -> bool:
+    """Whether the catalog behind this metrics port serves: it records its build info once serving."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1) as response:
+            return b"tally_build_info{" in response.read()
+    except OSError:
+        return False
+
+
+async def start_catalog(env: dict[str, str], metrics_port: int) -> asyncio.subprocess.Process:
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tally_catalog",
+        env={**env, "CATALOG_METRICS_PORT": str(metrics_port)},
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    for _ in range(120):
+        if server.returncode is not None:
+            raise SystemExit("a catalog process exited during start-up")
+        if await asyncio.to_thread(serving_metrics, metrics_port):
+            return server
+        await asyncio.sleep(0.25)
+    raise SystemExit("a catalog process did not start serving")
+
+
 async def catalog(args: argparse.Namespace) -> None:
     prefix = unique_prefix()
-    port, metrics_port = free_port(), free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CATALOG_DB_PREFIX": prefix,
         "CATALOG_GRPC_PORT": str(port),
-        "CATALOG_METRICS_PORT": str(metrics_port),
         "CATALOG_EVENTS_EXCHANGE": f"{prefix}bench.events",
         "CATALOG_LOG_LEVEL": args.log_level,
     }
     settings = CatalogSettings(db_prefix=prefix)
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tally_catalog", env=env, stdout=asyncio.subprocess.DEVNULL
-    )
+    # Several processes share the port through SO_REUSEPORT (on by default in gRPC); the kernel
+    # spreads connections, not calls, across them, so use at least as many channels.
+    servers: list[asyncio.subprocess.Process] = []
+    for _ in range(args.servers):
+        servers.append(await start_catalog(env, free_port()))
     channels = open_channels(port, args.channels)
     observer = await asyncpg.connect(
         host=settings.pg_host,
@@ -281,7 +312,8 @@ async def catalog(args: argparse.Namespace) -> None:
         return [row["pid"] for row in rows]
 
     try:
-        await wait_serving(channels[0], server)
+        for channel in channels:
+            await wait_serving(channel, servers[0])
         stubs = [rpc.CatalogServiceStub(channel) for channel in channels]
         stub = stubs[0]
         platform = (
@@ -333,14 +365,26 @@ async def catalog(args: argparse.Namespace) -> None:
                 list_request, metadata=app, timeout=CALL_TIMEOUT_SECONDS
             )
 
-        meter = CpuMeter(server.pid, backend_pids)
+        health_stubs = [health_pb2_grpc.HealthStub(channel) for channel in channels]
+        health_request = health_pb2.HealthCheckRequest()
+
+        async def health_check(n: int) -> object:
+            return await health_stubs[n % len(health_stubs)].Check(
+                health_request, timeout=CALL_TIMEOUT_SECONDS
+            )
+
+        meter = CpuMeter([server.pid for server in servers], backend_pids)
         results = []
+        if "health" in args.phases:
+            results.append(("Health.Check", await drive(args.callers, args.seconds, health_check, meter)))
         if "get" in args.phases:
             results.append(("GetProduct", await drive(args.callers, args.seconds, get_product, meter)))
         if "list" in args.phases:
             results.append(("ListProducts", await drive(args.callers, args.seconds, list_products, meter)))
 
-        print(header(args, f"catalog benchmark, server log level {args.log_level}"))
+        print(
+            header(args, f"catalog benchmark, {args.servers} server process(es), log level {args.log_level}")
+        )
         for name, result in results:
             print(result.line(name))
         print(
@@ -351,8 +395,10 @@ async def catalog(args: argparse.Namespace) -> None:
         for channel in channels:
             await channel.close()
         await observer.close()
-        server.terminate()
-        await server.wait()
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            await server.wait()
         await drop_databases(settings, prefix)
         await delete_exchange(settings, f"{prefix}bench.events")
 
@@ -376,9 +422,15 @@ if __name__ == "__main__":
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--channels", type=int, default=1, help="client channels the callers share")
     parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--servers", type=int, default=1, help="catalog processes sharing the port")
     parser.add_argument("--merchants", type=int, default=10)
     parser.add_argument("--products", type=int, default=50)
-    parser.add_argument("--phases", default="get,list", help="comma-separated: get, list")
+    parser.add_argument(
+        "--phases",
+        default="get,list",
+        help="comma-separated: get, list, health (the catalog's own health check: gRPC and the kit's "
+        "interceptor, no token, no database)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--ceiling", action="store_true", help="drive a bare grpc.aio health server instead of the catalog"
