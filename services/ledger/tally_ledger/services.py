@@ -375,27 +375,37 @@ class Ledger:
             # The API answers NOT_FOUND for an operation type with no version in effect.
             raise NotFound(refusal.message, reason=refusal.reason, metadata=refusal.metadata) from None
         account = await self._lock(tx, merchant_id, user_id)
-        already_open = await store.open_operation_of(tx.conn, merchant_id, user_id)
+        now = self._clock()
         operation = domain.open_operation(
-            account,
-            already_open,
-            rate,
-            operation_id=self._new_id(),
-            workflow_id=workflow_id,
-            now=self._clock(),
+            account, None, rate, operation_id=self._new_id(), workflow_id=workflow_id, now=now
         )
         if not await store.insert_operation(tx.conn, operation):
-            raise RuntimeError(f"user {user_id} has an open operation; their account lock was not held")
+            # The user has one open: refused as the domain refuses it.
+            already_open = await store.open_operation_of(tx.conn, merchant_id, user_id)
+            domain.open_operation(
+                account,
+                already_open,
+                rate,
+                operation_id=operation.operation_id,
+                workflow_id=workflow_id,
+                now=now,
+            )
+            raise RuntimeError(f"user {user_id} has an operation open, yet none was found")
         return operation
+
+    async def _lock_operation_account(self, tx: Transaction, merchant_id: str, operation_id: UUID) -> Account:
+        """The account of the operation's user, locked: statements after it see the operation as
+        the transactions this one waited for left it."""
+        account = await store.lock_account_of_operation(tx.conn, merchant_id, operation_id)
+        if account is None:
+            raise operation_not_found(operation_id)
+        return account
 
     async def _operation_locked(
         self, tx: Transaction, merchant_id: str, operation_id: UUID
     ) -> tuple[Account, Operation]:
         """The operation's account, locked, and the operation as it is under that lock."""
-        found = await store.get_operation(tx.conn, merchant_id, operation_id)
-        if found is None:
-            raise operation_not_found(operation_id)
-        account = await self._lock(tx, merchant_id, found.user_id)
+        account = await self._lock_operation_account(tx, merchant_id, operation_id)
         operation = await store.get_operation(tx.conn, merchant_id, operation_id)
         assert operation is not None
         return account, operation
@@ -405,15 +415,16 @@ class Ledger:
     ) -> OperationClosing:
         """Debits the resource's credits at the pinned rate FIFO (beyond the lots, as debt) and
         closes the operation."""
-        account, operation = await self._operation_locked(tx, merchant_id, operation_id)
-        lots = await store.live_lots(tx.conn, merchant_id, operation.user_id)
+        account = await self._lock_operation_account(tx, merchant_id, operation_id)
+        found = await store.operation_with_live_lots(tx.conn, merchant_id, operation_id)
+        assert found is not None
+        operation, lots = found
         now = self._clock()
         closing = domain.record_and_close(
             operation, account, lots, resource_amount, now=now, new_id=self._new_id
         )
         posting = closing.posting
-        await store.write_posting(tx.conn, posting)
-        await store.end_operation(tx.conn, closing.operation)
+        await store.write_posting(tx.conn, posting, ending=closing.operation)
         await tx.publish(
             events.OPERATION_CLOSED,
             events_pb2.OperationClosed(

@@ -9,7 +9,9 @@ posting is written as its entries (`write_posting`), and what the domain compute
 compared with what the triggers kept, never written over it. Write order, which every
 mutation follows: lock the account row (`lock_account`), insert a new lot's row
 (`insert_lot`), insert the posting's entries in order (`write_posting`), then record a
-reversal (`save_reversal`) or an operation's end (`end_operation`).
+reversal (`save_reversal`) or an operation's end (`end_operation`, or `write_posting`'s
+`ending`, which saves a closing a round trip: on this path each statement's round trip costs
+more than its work).
 """
 
 from __future__ import annotations
@@ -127,6 +129,24 @@ async def lock_account(conn: asyncpg.Connection, merchant_id: str, user_id: str)
         f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE merchant_id = $1 AND user_id = $2 FOR UPDATE",
         merchant_id,
         user_id,
+    )
+    return _account(row) if row is not None else None
+
+
+async def lock_account_of_operation(
+    conn: asyncpg.Connection, merchant_id: str, operation_id: UUID
+) -> Account | None:
+    """`lock_account` of the operation's user, in one statement (an operation's user never
+    changes); None when the operation does not exist."""
+    row = await conn.fetchrow(
+        f"""
+        SELECT {_ACCOUNT_COLUMNS} FROM accounts
+         WHERE merchant_id = $1
+           AND user_id = (SELECT user_id FROM operations WHERE merchant_id = $1 AND operation_id = $2)
+           FOR UPDATE
+        """,
+        merchant_id,
+        operation_id,
     )
     return _account(row) if row is not None else None
 
@@ -456,12 +476,26 @@ SELECT $1, $2, e.entry_id, e.kind, e.amount, e.lot_id, e.occurred_at, e.referenc
  ORDER BY e.position
 """
 
-# What the triggers kept: the account (lot_id NULL) and each lot the posting touched.
+# What the triggers kept: the account (lot_id NULL) and each lot the postings touched.
 _KEPT_BOOKS = """
-SELECT NULL::uuid AS lot_id, balance AS first, debt AS second
+SELECT NULL::uuid AS lot_id, balance AS first, debt AS second, NULL::bigint AS ended
   FROM accounts WHERE merchant_id = $1 AND user_id = $2
 UNION ALL
-SELECT lot_id, remaining, consumed
+SELECT lot_id, remaining, consumed, NULL
+  FROM lots WHERE merchant_id = $1 AND lot_id = ANY($3::uuid[])
+"""
+# The same, in the statement that also records the end of the operation the postings belong
+# to (`ended`: 1 when it was still open), so that a closing costs no round trip more.
+_KEPT_BOOKS_ENDING = """
+WITH ended AS (
+    UPDATE operations SET state = $5, closed_at = $6, resource_amount = $7, credits = $8
+     WHERE merchant_id = $1 AND operation_id = $4 AND state = 'open'
+    RETURNING operation_id
+)
+SELECT NULL::uuid AS lot_id, balance AS first, debt AS second, (SELECT count(*) FROM ended) AS ended
+  FROM accounts WHERE merchant_id = $1 AND user_id = $2
+UNION ALL
+SELECT lot_id, remaining, consumed, NULL
   FROM lots WHERE merchant_id = $1 AND lot_id = ANY($3::uuid[])
 """
 
@@ -494,17 +528,26 @@ def _entry(row: asyncpg.Record) -> Entry:
     )
 
 
-async def write_posting(conn: asyncpg.Connection, posting: Posting) -> None:
+async def write_posting(
+    conn: asyncpg.Connection, posting: Posting, *, ending: Operation | None = None
+) -> None:
     """Appends the posting's entries in order (a new lot's row must exist already), then checks
-    that the balances the triggers kept are the posting's: two statements whatever its size."""
-    await write_postings(conn, [posting])
+    that the balances the triggers kept are the posting's: two statements whatever its size.
+
+    `ending` is the operation the posting closes, in its new state: its end is recorded in the
+    statement that checks the books (`end_operation`'s rules apply)."""
+    await write_postings(conn, [posting], ending=ending)
 
 
-async def write_postings(conn: asyncpg.Connection, postings: Sequence[Posting]) -> None:
+async def write_postings(
+    conn: asyncpg.Connection, postings: Sequence[Posting], *, ending: Operation | None = None
+) -> None:
     """`write_posting` for postings of one account that follow one another (each starts from
     the account the previous one left): still two statements."""
     if not postings:
         return
+    if ending is not None and ending.state is OperationState.OPEN:
+        raise ValueError(f"operation {ending.operation_id} is still open")
     account = postings[-1].account
     for previous, posting in itertools.pairwise(postings):
         if posting.account_before != previous.account:
@@ -539,9 +582,23 @@ async def write_postings(conn: asyncpg.Connection, postings: Sequence[Posting]) 
         lot.lot_id: (lot.remaining, lot.consumed) for posting in postings for lot in posting.lots
     }
     expected[None] = (account.balance, account.debt)
-    rows = await conn.fetch(
-        _KEPT_BOOKS, account.merchant_id, account.user_id, [lot_id for lot_id in expected if lot_id]
-    )
+    touched = [lot_id for lot_id in expected if lot_id]
+    if ending is None:
+        rows = await conn.fetch(_KEPT_BOOKS, account.merchant_id, account.user_id, touched)
+    else:
+        rows = await conn.fetch(
+            _KEPT_BOOKS_ENDING,
+            account.merchant_id,
+            account.user_id,
+            touched,
+            ending.operation_id,
+            ending.state.value,
+            ending.closed_at,
+            ending.resource_amount,
+            ending.credits,
+        )
+        if next(row["ended"] for row in rows if row["lot_id"] is None) != 1:
+            raise _not_open_under_lock(ending)
     kept: dict[UUID | None, tuple[Decimal, Decimal]] = {
         row["lot_id"]: (row["first"], row["second"]) for row in rows
     }
@@ -620,23 +677,29 @@ _OPERATION_COLUMNS = """
 """
 
 
-def _operation(row: asyncpg.Record) -> Operation:
+# The same columns of the operation aliased `o` in a join, each named `o_<column>`.
+_O_OPERATION_COLUMNS = ", ".join(
+    f"o.{column.strip()} AS o_{column.strip()}" for column in _OPERATION_COLUMNS.split(",")
+)
+
+
+def _operation(row: asyncpg.Record, prefix: str = "") -> Operation:
     return Operation(
-        operation_id=row["operation_id"],
-        merchant_id=row["merchant_id"],
-        user_id=row["user_id"],
+        operation_id=row[f"{prefix}operation_id"],
+        merchant_id=row[f"{prefix}merchant_id"],
+        user_id=row[f"{prefix}user_id"],
         rate=OperationRate(
-            operation_code=row["operation_code"],
-            version=row["operation_version"],
-            resource_unit=row["resource_unit"],
-            credits_per_unit=row["credits_per_unit"],
+            operation_code=row[f"{prefix}operation_code"],
+            version=row[f"{prefix}operation_version"],
+            resource_unit=row[f"{prefix}resource_unit"],
+            credits_per_unit=row[f"{prefix}credits_per_unit"],
         ),
-        workflow_id=row["workflow_id"],
-        state=OperationState(row["state"]),
-        opened_at=row["opened_at"],
-        closed_at=row["closed_at"],
-        resource_amount=row["resource_amount"],
-        credits=row["credits"],
+        workflow_id=row[f"{prefix}workflow_id"],
+        state=OperationState(row[f"{prefix}state"]),
+        opened_at=row[f"{prefix}opened_at"],
+        closed_at=row[f"{prefix}closed_at"],
+        resource_amount=row[f"{prefix}resource_amount"],
+        credits=row[f"{prefix}credits"],
     )
 
 
@@ -673,6 +736,28 @@ async def get_operation(conn: asyncpg.Connection, merchant_id: str, operation_id
     return _operation(row) if row is not None else None
 
 
+async def operation_with_live_lots(
+    conn: asyncpg.Connection, merchant_id: str, operation_id: UUID
+) -> tuple[Operation, list[Lot]] | None:
+    """The operation and its user's lots with credits left in consumption order (`live_lots`),
+    in one statement."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_O_OPERATION_COLUMNS}, {_L_LOT_COLUMNS}
+          FROM operations o
+          LEFT JOIN lots l ON l.merchant_id = o.merchant_id AND l.user_id = o.user_id AND l.remaining > 0
+         WHERE o.merchant_id = $1 AND o.operation_id = $2
+         ORDER BY l.expires_at ASC NULLS LAST, l.issued_at, l.lot_id
+        """,
+        merchant_id,
+        operation_id,
+    )
+    if not rows:
+        return None
+    operation = _operation(rows[0], prefix="o_")
+    return operation, [_lot(row) for row in rows if row["lot_id"] is not None]
+
+
 async def open_operation_of(conn: asyncpg.Connection, merchant_id: str, user_id: str) -> Operation | None:
     """The user's open operation, if any."""
     row = await conn.fetchrow(
@@ -703,7 +788,11 @@ async def end_operation(conn: asyncpg.Connection, operation: Operation) -> None:
         operation.credits,
     )
     if status != "UPDATE 1":
-        raise RuntimeError(f"operation {operation.operation_id} was not open; its account lock was not held")
+        raise _not_open_under_lock(operation)
+
+
+def _not_open_under_lock(operation: Operation) -> RuntimeError:
+    return RuntimeError(f"operation {operation.operation_id} was not open; its account lock was not held")
 
 
 async def operations_open_since(
