@@ -286,7 +286,7 @@ class AuthorizeNetProvider:
         self, merchant_id: str, order_reference: str, since: datetime
     ) -> list[TransactionDetails]:
         ids = [
-            summary["transId"]
+            str(summary["transId"])
             for summary in [
                 *await self._unsettled_transactions(merchant_id),
                 *await self._settled_transactions(merchant_id, since),
