@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from tally.kittest.v1 import kittest_pb2, kittest_pb2_grpc
 from tally_kit import context as call_context
+from tally_kit import interceptors
 from tally_kit.auth import issue_dev_token
 from tally_kit.errors import (
     Aborted,
@@ -488,3 +489,32 @@ async def test_stop_drains_finishes_in_flight_calls_then_runs_on_stop_hooks() ->
         assert (await slow).text == "slow"
         await stopping
     assert events == ["on_start", "finished before on_stop: ['slow']", "on_stop"]
+
+
+# Per-method work done once
+
+
+async def test_each_method_is_wrapped_once_however_many_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    wrapped_methods: list[str] = []
+    build = interceptors._Rpc.__init__
+
+    def counting(self: interceptors._Rpc, method: str, handler: grpc.RpcMethodHandler) -> None:
+        wrapped_methods.append(method)
+        build(self, method, handler)
+
+    monkeypatch.setattr(interceptors._Rpc, "__init__", counting)
+    app = kit_app(KitTestServicer())
+    port = await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kittest_pb2_grpc.KitTestServiceStub(channel)
+            for text in ("a", "b", "c"):
+                reply = await stub.Echo(
+                    kittest_pb2.EchoRequest(merchant_id="acme", text=text), metadata=APP_ACME
+                )
+                assert reply.text == text
+            await call_error(stub.Echo(kittest_pb2.EchoRequest(merchant_id="globex"), metadata=APP_ACME))
+            await stub.Ping(kittest_pb2.PingRequest(), metadata=APP_ACME)
+    finally:
+        await app.stop()
+    assert sorted(wrapped_methods) == [f"/{SERVICE}/Echo", f"/{SERVICE}/Ping"]
