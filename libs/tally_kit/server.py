@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -161,4 +162,6 @@ def run(app_factory: Callable[[], ServiceApp]) -> None:
         configure_logging(app.settings.service_name, app.settings.log_level)
         await app.serve()
 
-    asyncio.run(main())
+    # uvloop cuts the event loop's share of each call by about a fifth (measured with
+    # bench/catalog_bench.py); the client side gains nothing from it.
+    uvloop.run(main())
