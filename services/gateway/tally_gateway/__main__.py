@@ -22,6 +22,7 @@ def main() -> None:
         port=settings.http_port,
         # Logging stays the kit's JSON lines; the gateway writes its own access log.
         log_config=None,
+        http="httptools",
         access_log=False,
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,

@@ -43,7 +43,6 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Mount
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
@@ -413,10 +412,14 @@ def _internal_status() -> status_pb2.Status:
 
 class RequestContextMiddleware:
     """Per request: the request id, the call context, `X-Request-Id` on the answer, the
-    `http_*` metrics and one access log line."""
+    `http_*` metrics and one access log line. It also dispatches: the site's few pages go on
+    through Starlette's router, every other path straight to `api`, which has a router of
+    its own (`RouteTable`) and would gain nothing from a second one."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, api: ASGIApp, site_paths: frozenset[str]) -> None:
         self._app = app
+        self._api = api
+        self._site_paths = site_paths
         # (method, route, code) → bound counter; (method, route) → bound histogram
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[tuple[str, str], Any] = {}
@@ -442,7 +445,8 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self._app(scope, receive, send_with_request_id)
+            inner = self._app if scope["path"] in self._site_paths else self._api
+            await inner(scope, receive, send_with_request_id)
         finally:
             self._observe(scope, exchange, time.perf_counter() - started)
             for var, token in zip(
@@ -452,7 +456,7 @@ class RequestContextMiddleware:
 
     def _observe(self, scope: Scope, exchange: _Exchange, elapsed: float) -> None:
         method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
-        route = exchange.route or (scope["path"] if scope["path"] in _SITE_PATHS else _UNMATCHED_ROUTE)
+        route = exchange.route or (scope["path"] if scope["path"] in self._site_paths else _UNMATCHED_ROUTE)
         counter_key = (method, route, exchange.status)
         counter = self._counters.get(counter_key)
         if counter is None:
@@ -529,8 +533,6 @@ def _well_formed_request_id(value: str | None) -> bool:
 
 # --- the site: health, readiness, metrics, OpenAPI, docs -------------------------------------
 
-_SITE_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
-
 
 def _site_routes(gateway: Gateway, openapi_json: bytes, docs_html: str) -> list[StarletteRoute]:
     async def healthz(_: Request) -> Response:
@@ -574,30 +576,29 @@ def build_app(
     gateway = Gateway(settings, build_routing(files, edge_roles))
     document = build_openapi(gateway.routing.routes, title=API_TITLE, version=settings.version)
     openapi_json = json.dumps(document, separators=(",", ":")).encode()
-    middleware = [Middleware(RequestContextMiddleware)]
+    api: ASGIApp = ApiEndpoint(gateway)
+    site_middleware: list[Middleware] = []
     if settings.cors_allowed_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=settings.cors_allowed_origins,
-                allow_methods=sorted({route.http_method for route in gateway.routing.routes} | {"GET"}),
-                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
-                expose_headers=["X-Request-Id", "Retry-After"],
-                max_age=settings.cors_max_age_seconds,
-            )
-        )
+        cors = {
+            "allow_origins": settings.cors_allowed_origins,
+            "allow_methods": sorted({route.http_method for route in gateway.routing.routes} | {"GET"}),
+            "allow_headers": ["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+            "expose_headers": ["X-Request-Id", "Retry-After"],
+            "max_age": settings.cors_max_age_seconds,
+        }
+        api = CORSMiddleware(api, **cors)
+        site_middleware.append(Middleware(CORSMiddleware, **cors))
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with gateway.running():
             yield
 
+    site_routes = _site_routes(gateway, openapi_json, render_docs_page(document))
+    site_paths = frozenset(route.path for route in site_routes)
     app = Starlette(
-        routes=[
-            *_site_routes(gateway, openapi_json, render_docs_page(document)),
-            Mount("", app=ApiEndpoint(gateway)),
-        ],
-        middleware=middleware,
+        routes=site_routes,
+        middleware=[Middleware(RequestContextMiddleware, api=api, site_paths=site_paths), *site_middleware],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

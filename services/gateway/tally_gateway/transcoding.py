@@ -42,6 +42,7 @@ from grpc_status import rpc_status
 from tally_kit.errors import FieldViolation, InvalidArgument, TallyError
 from tally_kit.status import error_domain, to_grpc_status
 
+from tally_gateway.protojson import JsonPrinter
 from tally_gateway.routes import Route
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ _SCALAR_JSON_MESSAGES = frozenset(
     }
 )
 _BOOL_TEXT = {"true": True, "false": False}
+_PRINTER = JsonPrinter()
 # Query parameters reach at most this deep into nested messages (recursive messages stop here).
 _MAX_QUERY_DEPTH = 4
 
@@ -381,8 +383,8 @@ def encode_response(route: Route, response: Message) -> tuple[bytes, str]:
     return _dump(message_to_json(target)), JSON_MEDIA_TYPE
 
 
-def message_to_json(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+def message_to_json(message: Message) -> Any:
+    return _PRINTER.to_dict(message)
 
 
 def _dump(document: Any) -> bytes:
