@@ -1,0 +1,29 @@
+"""Fixtures of the servicer tests: the PSP simulator process, the real app over gRPC on
+PostgreSQL and RabbitMQ, and two merchants: `MAIN`, whose webhooks reach the app as the HTTP
+gateway would pass them, and `QUIET`, whose account sends none (only the reconciliation job
+learns what the provider did). Databases, queues, exchanges and processes of the run are
+removed at the end."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+# The helpers shared by these test modules live beside this file; test folders are not
+# packages and pytest runs with --import-mode=importlib, which puts no test folder on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gateway_harness import Gateway, Webhooks, running_gateway
+
+# Every run has databases and a simulator of its own: fixed ids do not collide.
+MAIN = "main-merchant"
+QUIET = "quiet-merchant"
+
+
+@pytest.fixture(scope="session")
+async def gateway() -> AsyncIterator[Gateway]:
+    async with running_gateway({MAIN: Webhooks.FORWARD, QUIET: Webhooks.NONE}) as running:
+        yield running
