@@ -1,5 +1,9 @@
-"""Start-up: wire the ledger's servicer to the kit (directory, outbox relay, server) and to
-the catalog it reads over gRPC."""
+"""Start-up: wire the ledger to the kit (directory, outbox relay, server), to the catalog it
+reads over gRPC, to the payment events it consumes and to its periodic jobs.
+
+The servicer, the payment-event consumer and the jobs share one service layer (`Ledger`)
+and one `MerchantGate`, so a merchant's database is created once, whoever sees it first.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ from tally_kit.uow import Mutations
 
 from tally_ledger.catalog import CatalogReader
 from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader, ServiceToken
+from tally_ledger.handlers import build_consumer
+from tally_ledger.jobs import LedgerJobs
 from tally_ledger.servicer import SERVICE_NAME, LedgerServicer
-from tally_ledger.services import Clock, utc_now
+from tally_ledger.services import Clock, Ledger, MerchantGate, utc_now
 from tally_ledger.settings import LedgerSettings
 from tally_ledger.store import MIGRATIONS
 
@@ -45,12 +51,33 @@ def build_app(
     settings = settings or LedgerSettings()
     directory = build_directory(settings)
     relay = OutboxRelay(settings, directory, producer=PRODUCER)
-    on_stop: list[Hook] = [relay.stop, directory.close]
+    closers: list[Hook] = []
     if catalog is None:
         reader = open_catalog_reader(settings)
-        on_stop.append(reader.close)
+        closers.append(reader.close)
         catalog = reader
-    servicer = LedgerServicer(directory, Mutations(directory, relay, producer=PRODUCER), catalog, clock=clock)
+    ledger = Ledger(catalog, clock=clock)
+    merchants = MerchantGate(directory, catalog)
+    servicer = LedgerServicer(
+        directory,
+        Mutations(directory, relay, producer=PRODUCER),
+        catalog,
+        clock=clock,
+        ledger=ledger,
+        merchants=merchants,
+    )
+    consumer = build_consumer(settings, directory, ledger, merchants, relay, service=settings.consumer_name)
+    jobs = LedgerJobs(
+        directory,
+        ledger,
+        catalog,
+        relay,
+        expiry_interval_seconds=settings.lot_expiry_interval_seconds,
+        timeout_interval_seconds=settings.operation_timeout_interval_seconds,
+        batch_size=settings.job_batch_size,
+        clock=clock,
+        stop_grace_seconds=settings.shutdown_grace_seconds,
+    )
     return ServiceApp(
         settings,
         services=[
@@ -58,7 +85,8 @@ def build_app(
                 SERVICE_NAME, ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server, servicer
             )
         ],
-        on_start=[directory.start, relay.start],
-        # The relay flushes what was committed before the directory's pools close.
-        on_stop=on_stop,
+        on_start=[directory.start, relay.start, consumer.start, jobs.start],
+        # Nothing new is consumed or claimed, then the relay flushes what was committed, then
+        # the directory's pools and the catalog channel close.
+        on_stop=[jobs.stop, consumer.stop, relay.stop, directory.close, *closers],
     )

@@ -51,13 +51,15 @@ class LedgerServicer(ledger_service_pb2_grpc.LedgerServiceServicer):
         catalog: CatalogReader,
         *,
         clock: Clock = utc_now,
+        ledger: Ledger | None = None,
         merchants: MerchantGate | None = None,
     ) -> None:
+        """`ledger` and `merchants` are shared with the event consumer and the jobs when given."""
         self._directory = directory
         self._mutations = mutations
         self._clock = clock
         self._merchants = merchants or MerchantGate(directory, catalog)
-        self._ledger = Ledger(catalog, clock=clock)
+        self._ledger = ledger or Ledger(catalog, clock=clock)
 
     async def _mutate(
         self,

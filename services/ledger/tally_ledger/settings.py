@@ -29,3 +29,12 @@ class LedgerSettings(ServiceSettings):
     # The ledger's own bearer token (role `service`) for calls outside any incoming call;
     # empty in development, where one is minted with the kit's JWT secret.
     service_token: SecretStr = SecretStr("")
+
+    # Names the payment-event consumer's queues: `<name>.events`, `<name>.parking`, `<name>.dlx`.
+    consumer_name: str = Field("ledger", pattern=r"^[a-z0-9_.-]{1,64}$")
+    # How often every merchant database is walked for lots past their expiry and for
+    # operations left open past the merchant's timeout.
+    lot_expiry_interval_seconds: float = Field(60.0, gt=0)
+    operation_timeout_interval_seconds: float = Field(30.0, gt=0)
+    # Items one job claims per transaction.
+    job_batch_size: int = Field(100, ge=1)

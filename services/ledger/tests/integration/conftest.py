@@ -3,7 +3,8 @@ port 0, over PostgreSQL and RabbitMQ, the ledger reading the catalog over gRPC.
 
 One pair of apps serves the session; each test works on merchants of its own. The run's
 databases (both services') carry one unique prefix and are dropped at the end; each
-service's exchange, its alternate exchange and queue, and the capture queues are deleted.
+service's exchange, its alternate exchange and queue, the capture queues and the ledger's
+consumer queues (named after the prefix) are deleted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from tally_ledger.app import build_app as build_ledger_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ledger_e2e import Catalog, Databases, EventCapture, Ledger, catalog_settings, ledger_settings
+from ledger_e2e import (
+    Catalog,
+    Databases,
+    EventCapture,
+    Ledger,
+    catalog_settings,
+    delete_consumer_topology,
+    ledger_settings,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ async def suite() -> AsyncIterator[Suite]:
     )
     catalog_events = EventCapture(catalog_config.amqp_url.get_secret_value(), catalog_config.events_exchange)
     catalog_app = build_catalog_app(catalog_config)
+    ledger_config = None
     ledger_app = None
     ledger_events = None
     channels: list[grpc.aio.Channel] = []
@@ -60,6 +70,8 @@ async def suite() -> AsyncIterator[Suite]:
             await channel.close()
         if ledger_app is not None:
             await ledger_app.stop()
+        if ledger_config is not None:
+            await delete_consumer_topology(ledger_config)
         await catalog_app.stop()
         if ledger_events is not None:
             await ledger_events.close()

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import grpc
 from google.protobuf.message import Message
+from tally.common.v1.event_pb2 import EventEnvelope
 from tally.ledger.v1 import ledger_service_pb2_grpc
 from tally_kit.auth import issue_dev_token
+from tally_kit.events import CONTENT_TYPE
+from tally_kit.events.topology import dead_letter_exchange_name, events_queue_name, parking_queue_name
 from tally_ledger.settings import LedgerSettings
 
 # The catalog's end-to-end helpers live beside its tests; test folders are not packages.
@@ -42,11 +46,14 @@ from catalog_e2e import (  # noqa: E402
 
 # What the ledger's tests take from the catalog's helpers, through this module.
 __all__ = [
+    "CapturedEvent",
     "Catalog",
     "Databases",
     "EventCapture",
     "Ledger",
     "catalog_settings",
+    "delete_consumer_topology",
+    "eventually",
     "ledger_settings",
     "manual_grant_product",
     "new_id",
@@ -72,6 +79,8 @@ def ledger_settings(prefix: str, catalog_target: str, **overrides: object) -> Le
         "db_max_connections": 8,
         "shutdown_grace_seconds": 5.0,
         "catalog_target": catalog_target,
+        # The payment-event consumer's queues, of this run only.
+        "consumer_name": f"{prefix}ledger",
         **overrides,
     }
     return LedgerSettings(**values)  # type: ignore[arg-type]
@@ -131,3 +140,29 @@ class Ledger:
 
         await eventually(settled)
         return self.events.of_call(correlation_id)
+
+    async def publish(self, envelope: EventEnvelope) -> None:
+        """Publishes an event on the ledger's exchange as another service's relay would."""
+        async with await aio_pika.connect(self.settings.amqp_url.get_secret_value()) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(self.settings.events_exchange, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(
+                    body=envelope.SerializeToString(),
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=envelope.event_id,
+                    type=envelope.event_type,
+                ),
+                routing_key=envelope.event_type,
+            )
+
+
+async def delete_consumer_topology(settings: LedgerSettings) -> None:
+    """Deletes the queues and dead-letter exchange the ledger's consumer declared (if any)."""
+    name = settings.consumer_name
+    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+        channel = await connection.channel()
+        for queue in (events_queue_name(name), parking_queue_name(name)):
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(dead_letter_exchange_name(name))

@@ -1,7 +1,8 @@
 """The ledger over gRPC beside the real catalog: a merchant, its products and an operation type
 created in the catalog; users registered, purchases settled and operations recorded in the
 ledger with real tokens; balances that are the sum of the history; events on RabbitMQ; and
-tokens that never reach another merchant."""
+tokens that never reach another merchant; and a captured payment published on the exchange
+settling its order through the app's consumer."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import grpc
 import pytest
 from ledger_e2e import (
     PRODUCER,
+    CapturedEvent,
     Catalog,
     Ledger,
+    eventually,
     manual_grant_product,
     new_id,
     new_merchant_id,
@@ -23,6 +26,8 @@ from tally.catalog.v1 import resources_pb2 as catalog_res
 from tally.common.v1.money_pb2 import Credits, Money
 from tally.ledger.v1 import ledger_service_pb2 as api
 from tally.ledger.v1 import resources_pb2 as res
+from tally.payment_gateway.v1 import events_pb2 as payment_events_pb2
+from tally_kit.events import make_envelope
 
 pytestmark = pytest.mark.integration
 
@@ -208,3 +213,45 @@ async def test_refusals_carry_their_reason_and_bad_fields(catalog: Catalog, ledg
     )
     refusal = await ledger.refuse("OpenOperation", unknown)
     assert (refusal.code, refusal.reason) == (grpc.StatusCode.NOT_FOUND, "OPERATION_TYPE_NOT_FOUND")
+
+
+async def test_a_captured_payment_on_the_exchange_settles_the_order(catalog: Catalog, ledger: Ledger) -> None:
+    merchant_id, product_id = await _merchant(catalog, "captured")
+    captured = payment_events_pb2.PaymentCaptured(
+        merchant_id=merchant_id,
+        user_id="buyer-1",
+        order_id="order-9",
+        product_id=product_id,
+        payment_id=new_id(),
+        amount=Money(amount_minor=990, currency="EUR"),
+        provider_reference="psp-9",
+    )
+    correlation_id = new_id()
+    await ledger.publish(
+        make_envelope(
+            event_type="payment.captured",
+            merchant_id=merchant_id,
+            payload=captured,
+            producer="payment-gateway",
+            correlation_id=correlation_id,
+        )
+    )
+
+    # The buyer is registered (a sign-up grant) and the order settled, under the event's
+    # correlation id.
+    def announced() -> list[CapturedEvent]:
+        # The capture queue also holds the payment event itself.
+        return [e for e in ledger.events.of_call(correlation_id) if e.envelope.producer == PRODUCER]
+
+    await eventually(lambda: len(announced()) == 3)
+    published = announced()
+    assert sorted(event.routing_key for event in published) == [
+        "ledger.lot_issued",
+        "ledger.lot_issued",
+        "ledger.purchase_settled",
+    ]
+    settled = next(event.payload for event in published if event.routing_key == "ledger.purchase_settled")
+    assert (settled.order_id, settled.payment_id) == ("order-9", captured.payment_id)
+    assert settled.credits.value == "100"
+    request = api.GetBalanceRequest(merchant_id=merchant_id, user_id="buyer-1")
+    assert (await ledger.call("GetBalance", request)).balance.balance.value == "110"
