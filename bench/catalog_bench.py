@@ -26,19 +26,24 @@ import argparse
 import asyncio
 import collections
 import os
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from tally.catalog.v1 import catalog_service_pb2 as pb
 from tally.catalog.v1 import catalog_service_pb2_grpc as rpc
 from tally.catalog.v1 import resources_pb2 as res
@@ -200,6 +205,84 @@ async def _run_callers(
     await asyncio.gather(*(caller(i) for i in range(callers)))
 
 
+def grpc_frame(message: Message) -> bytes:
+    """A gRPC length-prefixed message: no compression flag, 4-byte big-endian length."""
+    body = message.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+async def h2load_unary(
+    port: int,
+    path: str,
+    request: Message,
+    metadata: dict[str, str],
+    concurrency: int,
+    seconds: float,
+    meter: CpuMeter,
+    metrics_ports: Sequence[int],
+) -> Result:
+    """The same unary call driven by h2load (nghttp2's C load generator) instead of Python.
+
+    Shows what the server does when the client costs next to nothing. h2load knows HTTP/2,
+    not gRPC: the gRPC status is in the trailers it does not read, so success is counted
+    from the server's own `grpc_server_handled_total` instead (calls that did not end OK
+    are reported as errors). Latency percentiles come from h2load's per-request log.
+    """
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is not installed (Debian: apt-get install nghttp2-client)")
+    with tempfile.TemporaryDirectory() as scratch:
+        payload = Path(scratch, "request.bin")
+        log = Path(scratch, "requests.log")
+        await asyncio.to_thread(payload.write_bytes, grpc_frame(request))
+        clients = max(1, concurrency // 16)
+        command = [
+            "h2load",
+            f"--clients={clients}",
+            f"--max-concurrent-streams={concurrency // clients}",
+            f"--duration={seconds:.0f}",
+            f"--warm-up-time={WARM_UP_SECONDS:.0f}",
+            f"--data={payload}",
+            f"--log-file={log}",
+            "--header=content-type: application/grpc",
+            "--header=te: trailers",
+            *(f"--header={key}: {value}" for key, value in metadata.items()),
+            f"http://127.0.0.1:{port}{path}",
+        ]
+        method = path.rsplit("/", 1)[1]
+        handled_before = handled_calls(metrics_ports, method)
+        before = await meter.sample()
+        started = time.perf_counter()
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output, _ = await process.communicate()
+        elapsed = time.perf_counter() - started - WARM_UP_SECONDS
+        after = await meter.sample()
+        if process.returncode != 0:
+            raise SystemExit(f"h2load failed:\n{output.decode()}")
+        handled = handled_calls(metrics_ports, method) - handled_before
+        records = (await asyncio.to_thread(log.read_text)).splitlines()
+        latencies = [int(line.split("\t")[2]) / 1000 for line in records if line]
+    not_ok = collections.Counter({code: count for code, count in handled.items() if code != "OK"})
+    result = Result(len(latencies), elapsed, latencies, not_ok)
+    used = CpuMeter.used(before, after)
+    used.pop("client", None)  # this process only waits; h2load's own CPU is not measured
+    result.cpu_seconds = used
+    return result
+
+
+def handled_calls(metrics_ports: Sequence[int], method: str) -> collections.Counter[str]:
+    """`grpc_server_handled_total` of one method by code, summed over the server processes."""
+    counts: collections.Counter[str] = collections.Counter()
+    for metrics_port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            for family in text_string_to_metric_families(reply.read().decode()):
+                for sample in family.samples:
+                    if sample.name == "grpc_server_handled_total" and sample.labels["grpc_method"] == method:
+                        counts[sample.labels["grpc_code"]] += int(sample.value)
+    return counts
+
+
 async def wait_serving(channel: grpc.aio.Channel, process: asyncio.subprocess.Process) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     for _ in range(120):
@@ -293,8 +376,9 @@ async def catalog(args: argparse.Namespace) -> None:
     # Several processes share the port through SO_REUSEPORT (on by default in gRPC); the kernel
     # spreads connections, not calls, across them, so use at least as many channels.
     servers: list[asyncio.subprocess.Process] = []
-    for _ in range(args.servers):
-        servers.append(await start_catalog(env, free_port()))
+    metrics_ports = [free_port() for _ in range(args.servers)]
+    for metrics_port in metrics_ports:
+        servers.append(await start_catalog(env, metrics_port))
     channels = open_channels(port, args.channels)
     observer = await asyncpg.connect(
         host=settings.pg_host,
@@ -375,6 +459,22 @@ async def catalog(args: argparse.Namespace) -> None:
 
         meter = CpuMeter([server.pid for server in servers], backend_pids)
         results = []
+        if "h2load" in args.phases:
+            results.append(
+                (
+                    "GetProduct/h2",
+                    await h2load_unary(
+                        port,
+                        "/tally.catalog.v1.CatalogService/GetProduct",
+                        get_requests[0],
+                        dict(app),
+                        args.callers,
+                        args.seconds,
+                        meter,
+                        metrics_ports,
+                    ),
+                )
+            )
         if "health" in args.phases:
             results.append(("Health.Check", await drive(args.callers, args.seconds, health_check, meter)))
         if "get" in args.phases:
@@ -429,7 +529,7 @@ if __name__ == "__main__":
         "--phases",
         default="get,list",
         help="comma-separated: get, list, health (the catalog's own health check: gRPC and the kit's "
-        "interceptor, no token, no database)",
+        "interceptor, no token, no database), h2load (GetProduct driven by nghttp2's C load generator)",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
