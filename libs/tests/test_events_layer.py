@@ -572,6 +572,7 @@ async def test_failures_are_retried_and_duplicates_acknowledged_without_effect(
     def consumed(event_type: str, outcome: str) -> float:
         return sample("tally_events_consumed_total", event_type=event_type, outcome=outcome)
 
+    committed: list[str] = []
     before = {
         "flaky retried": consumed("test.flaky", "retried"),
         "broken retried": consumed("test.broken", "retried"),
@@ -583,6 +584,7 @@ async def test_failures_are_retried_and_duplicates_acknowledged_without_effect(
         databases,
         service=service,
         handlers={EVENT_TYPE: worker.record_effect, "test.flaky": flaky, "test.broken": broken},
+        after_commit=committed.append,
         retry_backoff_seconds=0.01,
     )
     flaky_event = new_envelope("acme", "flaky", event_type="test.flaky")
@@ -606,6 +608,8 @@ async def test_failures_are_retried_and_duplicates_acknowledged_without_effect(
     )
     assert consumed("test.broken", "parked") == before["broken parked"] + 1
     assert await effects_of(databases, "globex", twice.event_id) == 1
+    # The relay hook runs once per committed first delivery: not for failures, not for duplicates.
+    assert sorted(committed) == ["acme", "globex"]
 
 
 async def test_stop_lets_in_flight_handlers_finish(

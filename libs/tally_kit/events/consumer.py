@@ -25,6 +25,10 @@ Events of a merchant this service has no database for: `MerchantDirectory.transa
 raises `NotFound`, so by default such an event is parked. A service that provisions
 merchants on first sight passes `prepare_merchant=directory.provision`, which runs before
 the event's transaction opens (its own failures are classified like the handler's).
+
+A handler that publishes events writes them to the outbox in its transaction; a service
+passes `after_commit=relay.notify` so the relay publishes them right after the commit
+rather than at its next sweep.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class EventConsumer:
         service: str,
         handlers: Mapping[str, Handler],
         prepare_merchant: Callable[[str], Awaitable[object]] | None = None,
+        after_commit: Callable[[str], object] | None = None,
         retry_backoff_seconds: float = 0.5,
         retry_backoff_max_seconds: float = 30.0,
     ) -> None:
@@ -102,6 +107,7 @@ class EventConsumer:
         self._service = service
         self._handlers = dict(handlers)
         self._prepare_merchant = prepare_merchant
+        self._after_commit = after_commit
         self._retry_backoff_seconds = retry_backoff_seconds
         self._retry_backoff_max_seconds = retry_backoff_max_seconds
         self._parking_queue = parking_queue_name(service)
@@ -183,6 +189,8 @@ class EventConsumer:
             return
         finally:
             metrics.event_handling.labels(event_type).observe(time.perf_counter() - started)
+        if first_delivery and self._after_commit is not None:
+            self._after_commit(envelope.merchant_id)
         failpoint("consumer.after_commit")
         await self._settle(message.ack(), message)
         metrics.events_consumed.labels(event_type, "handled" if first_delivery else "duplicate").inc()

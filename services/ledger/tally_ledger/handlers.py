@@ -22,8 +22,8 @@ ORDER_NOT_SETTLED_YET): the capture may still be on its way, or waiting for its 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TypeVar
 
 import asyncpg
@@ -147,29 +147,6 @@ class PaymentEventHandlers:
         return Transaction(conn, merchant_id=envelope.merchant_id, producer=self._producer)
 
 
-class _NotifyingDatabases:
-    """The merchant directory as the consumer uses it, telling the relay after every handler
-    transaction that committed: what a handler wrote to the outbox is published right away
-    rather than at the relay's next sweep."""
-
-    def __init__(self, directory: MerchantDirectory, relay: RelayNotifier) -> None:
-        self._directory = directory
-        self._relay = relay
-
-    async def merchant_ids(self) -> list[str]:
-        return await self._directory.merchant_ids()
-
-    def connection(self, merchant_id: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
-        return self._directory.connection(merchant_id)
-
-    @asynccontextmanager
-    async def transaction(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
-        async with self._directory.transaction(merchant_id) as conn:
-            yield conn
-        # Reached only after the commit; a failed handler's transaction rolled back and raised.
-        self._relay.notify(merchant_id)
-
-
 def build_consumer(
     settings: ServiceSettings,
     directory: MerchantDirectory,
@@ -183,10 +160,11 @@ def build_consumer(
     before them. `service` names its queues (tests use a name of their own)."""
     return EventConsumer(
         settings,
-        _NotifyingDatabases(directory, relay),
+        directory,
         service=service,
         handlers=PaymentEventHandlers(ledger).handlers(),
         prepare_merchant=merchants.ensure,
+        after_commit=relay.notify,
     )
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-import asyncpg
 from tally.receipt.v1 import receipt_service_pb2_grpc
 from tally_kit.db import MerchantDirectory
 from tally_kit.events import EventConsumer, OutboxRelay
@@ -22,32 +19,6 @@ from tally_receipt.store import MIGRATIONS
 
 def build_directory(settings: ReceiptSettings) -> MerchantDirectory:
     return MerchantDirectory(settings, [MIGRATIONS])
-
-
-class PublishingAfterCommit:
-    """The merchant databases as the event consumer sees them: once a handler's transaction
-    has committed, the relay is told to publish the events it wrote (the documents' issued
-    events), rather than leaving them for the next sweep.
-
-    Told after every handled event: nearly every one issues a document, and a merchant
-    with nothing pending costs the relay one indexed query.
-    """
-
-    def __init__(self, directory: MerchantDirectory, relay: OutboxRelay) -> None:
-        self._directory = directory
-        self._relay = relay
-
-    async def merchant_ids(self) -> list[str]:
-        return await self._directory.merchant_ids()
-
-    def connection(self, merchant_id: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
-        return self._directory.connection(merchant_id)
-
-    @asynccontextmanager
-    async def transaction(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
-        async with self._directory.transaction(merchant_id) as conn:
-            yield conn
-        self._relay.notify(merchant_id)
 
 
 def build_app(
@@ -71,10 +42,12 @@ def build_app(
 
     consumer = EventConsumer(
         settings,
-        PublishingAfterCommit(directory, relay),
+        directory,
         service=settings.consumer_name,
         handlers=LedgerEventHandlers(merchant_profiles, clock=clock).by_event_type(),
         prepare_merchant=prepare_merchant,
+        # Handlers write the documents' issued events; the relay publishes them at once.
+        after_commit=relay.notify,
     )
     servicer = ReceiptServicer(directory, fonts)
 
