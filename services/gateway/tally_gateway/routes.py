@@ -351,7 +351,7 @@ def _unroutable(method: MethodDescriptor, edge_roles: frozenset[Role]) -> str:
     if roles is None:
         return "no (tally.common.v1.access) policy"
     if roles and not roles & edge_roles:
-        return "only internal roles may call it"
+        return "no role the edge accepts may call it"
     return ""
 
 

@@ -244,6 +244,32 @@ async def running_gateway(
         yield Gateway(app, client, settings)
 
 
+MERCHANT_CONFIG = {
+    "legalName": "Acme SAS",
+    "taxId": "FR40303265045",
+    "address": {"addressLines": ["1 rue de la Paix"], "locality": "Paris", "regionCode": "FR"},
+    "receiptSeriesPrefix": "ACME",
+    "taxRegime": {"ratePercent": "20", "pricesIncludeTax": True},
+    "operationTimeout": "900s",
+    "retentionDays": 3650,
+    "defaultCurrency": "EUR",
+}
+
+
+async def create_merchant(gateway: Gateway, label: str) -> str:
+    """A new merchant, created through the gateway by the platform."""
+    merchant_id = new_merchant_id(label)
+    answer = await gateway.request(
+        "POST",
+        "/v1/merchants",
+        token=token(gateway.settings, "platform"),
+        json_body={"merchantId": merchant_id, "config": MERCHANT_CONFIG},
+        headers={"Idempotency-Key": new_id()},
+    )
+    assert answer.status_code == 200, answer.text
+    return merchant_id
+
+
 # --- tokens -------------------------------------------------------------------------------------
 
 

@@ -12,9 +12,9 @@ from gateway_e2e import (
     Gateway,
     Upstreams,
     captured_logs,
+    create_merchant,
     gateway_settings,
     new_id,
-    new_merchant_id,
     refusal_of,
     running_gateway,
     token,
@@ -22,35 +22,11 @@ from gateway_e2e import (
 
 pytestmark = pytest.mark.integration
 
-MERCHANT_CONFIG = {
-    "legalName": "Acme SAS",
-    "taxId": "FR40303265045",
-    "address": {"addressLines": ["1 rue de la Paix"], "locality": "Paris", "regionCode": "FR"},
-    "receiptSeriesPrefix": "ACME",
-    "taxRegime": {"ratePercent": "20", "pricesIncludeTax": True},
-    "operationTimeout": "900s",
-    "retentionDays": 3650,
-    "defaultCurrency": "EUR",
-}
-
 
 @pytest.fixture(scope="module")
 async def gateway(upstreams: Upstreams) -> AsyncIterator[Gateway]:
     async with running_gateway(gateway_settings(upstreams)) as running:
         yield running
-
-
-async def create_merchant(gateway: Gateway, label: str) -> str:
-    merchant_id = new_merchant_id(label)
-    answer = await gateway.request(
-        "POST",
-        "/v1/merchants",
-        token=token(gateway.settings, "platform"),
-        json_body={"merchantId": merchant_id, "config": MERCHANT_CONFIG},
-        headers={"Idempotency-Key": new_id()},
-    )
-    assert answer.status_code == 200, answer.text
-    return merchant_id
 
 
 async def test_a_merchant_sells_credits_and_a_user_consumes_them(gateway: Gateway) -> None:
