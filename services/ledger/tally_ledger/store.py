@@ -271,26 +271,6 @@ async def lots_past_expiry(
     return [_lot(row) for row in rows]
 
 
-async def users_with_lots_past_expiry(
-    conn: asyncpg.Connection, merchant_id: str, now: datetime, limit: int
-) -> list[str]:
-    """Users owning lots whose expiry has come with credits left (the expiry job's work),
-    those whose lots expired first first."""
-    rows = await conn.fetch(
-        """
-        SELECT user_id FROM lots
-         WHERE merchant_id = $1 AND remaining > 0 AND expires_at IS NOT NULL AND expires_at <= $2
-         GROUP BY user_id
-         ORDER BY min(expires_at), user_id
-         LIMIT $3
-        """,
-        merchant_id,
-        now,
-        limit,
-    )
-    return [row["user_id"] for row in rows]
-
-
 async def get_lot(conn: asyncpg.Connection, merchant_id: str, lot_id: UUID) -> Lot | None:
     row = await conn.fetchrow(
         f"SELECT {_LOT_COLUMNS} FROM lots WHERE merchant_id = $1 AND lot_id = $2", merchant_id, lot_id
@@ -793,25 +773,6 @@ async def end_operation(conn: asyncpg.Connection, operation: Operation) -> None:
 
 def _not_open_under_lock(operation: Operation) -> RuntimeError:
     return RuntimeError(f"operation {operation.operation_id} was not open; its account lock was not held")
-
-
-async def operations_open_since(
-    conn: asyncpg.Connection, merchant_id: str, opened_before: datetime, limit: int
-) -> list[UUID]:
-    """Operations still open that were opened before `opened_before`, oldest first (the
-    timeout job's work)."""
-    rows = await conn.fetch(
-        """
-        SELECT operation_id FROM operations
-         WHERE merchant_id = $1 AND state = 'open' AND opened_at < $2
-         ORDER BY opened_at, operation_id
-         LIMIT $3
-        """,
-        merchant_id,
-        opened_before,
-        limit,
-    )
-    return [row["operation_id"] for row in rows]
 
 
 # --- grants ---------------------------------------------------------------------------------
