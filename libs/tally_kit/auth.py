@@ -238,6 +238,49 @@ def authorize(principal: Principal, roles: frozenset[Role], merchant_id: str | N
         raise PermissionDenied("the token is not valid for this merchant", reason="MERCHANT_MISMATCH")
 
 
+class ServiceToken:
+    """A service's own bearer token, sent on calls made outside any incoming call.
+
+    In production the token is configured (a secret). In development, with none configured,
+    one is minted with the kit's HS256 secret for role `service`, and minted again once less
+    than `refresh_margin_seconds` of its lifetime is left, so a long-running process never
+    sends an expired one.
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        subject: str | None = None,
+        ttl_seconds: int = 3600,
+        refresh_margin_seconds: int = 300,
+    ) -> None:
+        if not 0 < refresh_margin_seconds < ttl_seconds:
+            raise ValueError("refresh_margin_seconds must be positive and below ttl_seconds")
+        self._settings = settings
+        self._subject = subject or settings.service_name
+        self._configured = settings.service_token.get_secret_value()
+        self._ttl_seconds = ttl_seconds
+        self._refresh_margin_seconds = refresh_margin_seconds
+        self._minted = ""
+        self._refresh_at = 0.0
+
+    def __call__(self) -> str:
+        if self._configured:
+            return self._configured
+        now = time.time()
+        if now >= self._refresh_at:
+            self._minted = issue_dev_token(
+                self._settings,
+                role="service",
+                merchant_id=None,
+                subject=self._subject,
+                ttl_seconds=self._ttl_seconds,
+            )
+            self._refresh_at = now + self._ttl_seconds - self._refresh_margin_seconds
+        return self._minted
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tally_kit.auth", description="Print a development JWT.")
     parser.add_argument("--role", required=True, choices=sorted(ROLE_BY_CLAIM))

@@ -56,3 +56,6 @@ class ServiceSettings(BaseSettings):
     jwt_audience: str = "tally"
     jwt_issuer: str = "tally-dev"
     jwt_leeway_seconds: int = Field(30, ge=0)
+    # This service's own bearer token (role `service`) for calls it makes outside any incoming
+    # call (consumers, jobs). Empty: one is minted with `jwt_secret` (development only).
+    service_token: SecretStr = SecretStr("")

@@ -8,13 +8,14 @@ and one `MerchantGate`, so a merchant's database is created once, whoever sees i
 from __future__ import annotations
 
 from tally.ledger.v1 import ledger_service_pb2_grpc
+from tally_kit.auth import ServiceToken
 from tally_kit.db import MerchantDirectory
 from tally_kit.events import OutboxRelay
 from tally_kit.server import Hook, ServiceApp, ServiceRegistration
 from tally_kit.uow import Mutations
 
 from tally_ledger.catalog import CatalogReader
-from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader, ServiceToken
+from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader
 from tally_ledger.handlers import build_consumer
 from tally_ledger.jobs import LedgerJobs
 from tally_ledger.servicer import SERVICE_NAME, LedgerServicer
@@ -32,9 +33,7 @@ def build_directory(settings: LedgerSettings) -> MerchantDirectory:
 def open_catalog_reader(settings: LedgerSettings) -> GrpcCatalogReader:
     return GrpcCatalogReader.open(
         settings.catalog_target,
-        service_token=ServiceToken(
-            settings, subject=settings.service_name, configured=settings.service_token
-        ),
+        service_token=ServiceToken(settings),
         timeout_seconds=settings.catalog_timeout_seconds,
         cache=CachePolicy(
             max_entries=settings.catalog_cache_size,

@@ -48,16 +48,13 @@ from uuid import UUID
 
 import grpc
 from prometheus_client import Counter
-from pydantic import SecretStr
 from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import catalog_service_pb2_grpc
 from tally.catalog.v1 import resources_pb2 as res
 from tally_kit.amounts import parse_credits
-from tally_kit.auth import issue_dev_token
 from tally_kit.clients import BreakerPolicy, RetryPolicy, TokenSource, open_channel
 from tally_kit.db import is_valid_merchant_id
 from tally_kit.errors import FailedPrecondition, NotFound, Unavailable
-from tally_kit.settings import ServiceSettings
 from tally_kit.status import UpstreamError, error_from_rpc
 
 from tally_ledger.catalog import Distribution, GrantPolicy, MerchantTerms, ProductTemplate
@@ -118,50 +115,6 @@ class CachePolicy:
             raise ValueError("max_entries must be at least 1")
         if self.ttl_seconds < 0 or self.rate_staleness_seconds < 0:
             raise ValueError("ttl_seconds and rate_staleness_seconds must be 0 or more")
-
-
-class ServiceToken:
-    """The ledger's own bearer token, sent on calls made outside any incoming call.
-
-    In production the token is configured (a secret). In development, with none configured,
-    one is minted with the kit's HS256 secret for role `service`, and minted again once less
-    than `refresh_margin_seconds` of its lifetime is left, so a long-running process never
-    sends an expired one.
-    """
-
-    def __init__(
-        self,
-        settings: ServiceSettings,
-        *,
-        subject: str,
-        configured: SecretStr | None = None,
-        ttl_seconds: int = 3600,
-        refresh_margin_seconds: int = 300,
-    ) -> None:
-        if not 0 < refresh_margin_seconds < ttl_seconds:
-            raise ValueError("refresh_margin_seconds must be positive and below ttl_seconds")
-        self._settings = settings
-        self._subject = subject
-        self._configured = configured.get_secret_value() if configured is not None else ""
-        self._ttl_seconds = ttl_seconds
-        self._refresh_margin_seconds = refresh_margin_seconds
-        self._minted = ""
-        self._refresh_at = 0.0
-
-    def __call__(self) -> str:
-        if self._configured:
-            return self._configured
-        now = time.time()
-        if now >= self._refresh_at:
-            self._minted = issue_dev_token(
-                self._settings,
-                role="service",
-                merchant_id=None,
-                subject=self._subject,
-                ttl_seconds=self._ttl_seconds,
-            )
-            self._refresh_at = now + self._ttl_seconds - self._refresh_margin_seconds
-        return self._minted
 
 
 @dataclass(frozen=True)

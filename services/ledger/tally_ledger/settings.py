@@ -3,7 +3,7 @@ ledger reaches the catalog."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from tally_kit.settings import ServiceSettings
 
@@ -26,9 +26,6 @@ class LedgerSettings(ServiceSettings):
     catalog_cache_ttl_seconds: float = Field(60.0, ge=0)
     # How long the latest operation-type version read is taken as still the latest.
     catalog_rate_staleness_seconds: float = Field(5.0, ge=0)
-    # The ledger's own bearer token (role `service`) for calls outside any incoming call;
-    # empty in development, where one is minted with the kit's JWT secret.
-    service_token: SecretStr = SecretStr("")
 
     # Names the payment-event consumer's queues: `<name>.events`, `<name>.parking`, `<name>.dlx`.
     consumer_name: str = Field("ledger", pattern=r"^[a-z0-9_.-]{1,64}$")

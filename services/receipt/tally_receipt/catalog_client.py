@@ -27,7 +27,7 @@ from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import catalog_service_pb2_grpc
 from tally.catalog.v1 import resources_pb2 as catalog
 from tally_kit.amounts import parse_decimal
-from tally_kit.auth import issue_dev_token
+from tally_kit.auth import ServiceToken
 from tally_kit.cache import ExpiringCache
 from tally_kit.clients import open_channel
 from tally_kit.db import is_valid_merchant_id
@@ -44,9 +44,6 @@ CATALOG_UNAVAILABLE = "CATALOG_UNAVAILABLE"
 TAX_RATE_FRACTION_DIGITS = 4
 MAX_TAX_RATE_PERCENT = 100
 MAX_CACHED_MERCHANTS = 1024
-# A minted development token lives this long and is replaced this long before it expires.
-_DEV_TOKEN_TTL_SECONDS = 3600
-_DEV_TOKEN_REFRESH_MARGIN_SECONDS = 300
 
 
 class MerchantProfiles(Protocol):
@@ -55,32 +52,6 @@ class MerchantProfiles(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-class ServiceToken:
-    """The receipt service's bearer token: the configured one, or in development one minted
-    with the kit's secret (role `service`) and minted again before it expires."""
-
-    def __init__(self, settings: ReceiptSettings) -> None:
-        self._settings = settings
-        self._minted = ""
-        self._refresh_at = 0.0
-
-    def __call__(self) -> str:
-        configured = self._settings.service_token.get_secret_value()
-        if configured:
-            return configured
-        now = time.time()
-        if now >= self._refresh_at:
-            self._minted = issue_dev_token(
-                self._settings,
-                role="service",
-                merchant_id=None,
-                subject=self._settings.service_name,
-                ttl_seconds=_DEV_TOKEN_TTL_SECONDS,
-            )
-            self._refresh_at = now + _DEV_TOKEN_TTL_SECONDS - _DEV_TOKEN_REFRESH_MARGIN_SECONDS
-        return self._minted
 
 
 class CatalogMerchantProfiles:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from tally_kit.settings import ServiceSettings
 
@@ -24,9 +24,6 @@ class ReceiptSettings(ServiceSettings):
     # How long a merchant's configuration read from the catalog is reused before it is read
     # again: a change reaches new documents within this time.
     merchant_config_ttl_seconds: float = Field(60.0, ge=0)
-    # The bearer token (role `service`) sent to the catalog. Empty in development, where one
-    # is minted with `jwt_secret`.
-    service_token: SecretStr = SecretStr("")
 
     # Names the event consumer's queue `<name>.events`, its dead-letter exchange `<name>.dlx`
     # and its parking queue `<name>.parking`.

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from tally_kit.auth import ServiceToken
 from tally_kit.settings import ServiceSettings
-from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader, ServiceToken
+from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -16,12 +16,12 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from tally.catalog.v1 import resources_pb2 as res
 from tally_kit import context as call_context
-from tally_kit.auth import TokenVerifier, issue_dev_token
+from tally_kit.auth import ServiceToken, TokenVerifier, issue_dev_token
 from tally_kit.clients import BreakerPolicy
 from tally_kit.errors import FailedPrecondition, NotFound, Unavailable
 from tally_kit.settings import ServiceSettings
 from tally_ledger.catalog import Distribution, GrantPolicy, MerchantTerms
-from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader, ServiceToken
+from tally_ledger.catalog_client import CachePolicy, GrpcCatalogReader
 from tally_ledger.domain import OperationRate
 
 OpenReader = Callable[..., Awaitable[GrpcCatalogReader]]
@@ -253,7 +253,7 @@ def test_the_service_token_is_minted_for_role_service_and_refreshed(monkeypatch:
 
 
 def test_a_configured_service_token_is_used_as_is() -> None:
-    token = ServiceToken(ServiceSettings(), subject="ledger", configured=SecretStr("configured.jwt.value"))
+    token = ServiceToken(ServiceSettings(service_token=SecretStr("configured.jwt.value")), subject="ledger")
     assert token() == "configured.jwt.value"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from tally_kit.auth import ServiceToken
 from tally_kit.db import MerchantDirectory
 from tally_kit.events.topology import (
     dead_letter_exchange_name,
@@ -19,7 +20,7 @@ from tally_kit.events.topology import (
     unrouted_queue_name,
 )
 from tally_kit.testing import drop_databases
-from tally_ledger.catalog_client import GrpcCatalogReader, ServiceToken
+from tally_ledger.catalog_client import GrpcCatalogReader
 from tally_ledger.handlers import build_consumer
 from tally_ledger.services import Ledger, MerchantGate
 from tally_ledger.store import MIGRATIONS

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tally_kit.auth import ServiceToken
 from tally_kit.db import MerchantDirectory
 from tally_kit.testing import drop_databases
-from tally_ledger.catalog_client import GrpcCatalogReader, ServiceToken
+from tally_ledger.catalog_client import GrpcCatalogReader
 from tally_ledger.services import Ledger, MerchantGate
 from tally_ledger.settings import LedgerSettings
 from tally_ledger.store import MIGRATIONS
