@@ -191,10 +191,10 @@ class Upstreams:
 # --- the gateway in front of them ---------------------------------------------------------------
 
 
-def gateway_settings(upstreams: Upstreams, **overrides: Any) -> GatewaySettings:
-    """A gateway for these upstreams; its rate limits stay out of the way unless overridden."""
+def gateway_settings(servers: Upstreams, **overrides: Any) -> GatewaySettings:
+    """A gateway for these servers; its rate limits stay out of the way unless overridden."""
     values: dict[str, Any] = {
-        "upstreams": upstreams.targets(),
+        "upstreams": servers.targets(),
         "readiness_services": [CATALOG, LEDGER, PAYMENTS],
         "upstream_timeout_seconds": 10.0,
         "rate_limit_token_per_second": 100_000.0,
