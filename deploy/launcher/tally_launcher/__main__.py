@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally_catalog.settings import CatalogSettings
 from tally_kit.auth import issue_dev_token
 from tally_kit.settings import ServiceSettings
+from tally_ledger.settings import LedgerSettings
+from tally_receipt.settings import ReceiptSettings
 
 COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m"]
 RESET = "\033[0m"
@@ -38,7 +40,13 @@ class ServiceSpec:
         return self.settings_class()
 
 
-SUITE: tuple[ServiceSpec, ...] = (ServiceSpec("catalog", "tally_catalog", CatalogSettings),)
+# Started in this order, each once the previous is healthy: the ledger and the receipt
+# service read the catalog, and every consumer declares its queue before anyone publishes.
+SUITE: tuple[ServiceSpec, ...] = (
+    ServiceSpec("catalog", "tally_catalog", CatalogSettings),
+    ServiceSpec("ledger", "tally_ledger", LedgerSettings),
+    ServiceSpec("receipt", "tally_receipt", ReceiptSettings),
+)
 
 
 async def _reachable(host: str, port: int, wait_seconds: float = 2.0) -> bool:
