@@ -27,14 +27,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -68,6 +67,7 @@ from tally_gateway.routes import (
     Routing,
     build_routing,
     discover_service_files,
+    service_label,
 )
 from tally_gateway.settings import GatewaySettings
 from tally_gateway.transcoding import (
@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("tally_gateway.access")
 
 API_TITLE = "Tally HTTP API"
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
 # A caller's request id is copied into logs and upstream calls: anything else is replaced.
 _REQUEST_ID_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 _REQUEST_ID_MAX_LENGTH = 128
@@ -125,7 +125,6 @@ class _Exchange:
     authorization: str | None
     content_type: str | None
     content_length: int | None
-    header_pairs: list[tuple[str, str]] = field(default_factory=list)
     route: str = ""
     grpc_method: str = ""
     status: int = _CLIENT_CLOSED
@@ -176,7 +175,7 @@ class Gateway:
         for service in self._services:
             self._channels[service] = open_channel(
                 self.settings.upstreams[service],
-                name=_service_label(service),
+                name=service_label(service),
                 timeout_seconds=self.settings.upstream_timeout_seconds,
                 safe_methods=self._safe_methods(service),
             )
@@ -269,10 +268,10 @@ class Gateway:
             query=_query_pairs(scope),
             body=body,
             content_type=exchange.content_type,
-            headers=exchange.header_pairs,
+            headers=scope["headers"],
             idempotency_key=exchange.idempotency_key,
         )
-        merchant_id = _merchant_of(request)
+        merchant_id = endpoint.transcoder.merchant_of(request)
         if merchant_id:
             context.merchant_id.set(merchant_id)
             if principal is not None and not route.is_public:
@@ -286,12 +285,6 @@ class Gateway:
             return status, encode_status(rpc_status), "application/json"
         body, media_type = encode_response(route, response)
         return 200, body, media_type
-
-
-def _service_label(service: str) -> str:
-    """`tally.ledger.v1.LedgerService` → `ledger`."""
-    parts = service.split(".")
-    return parts[1] if len(parts) == 4 and parts[0] == "tally" else service
 
 
 def _raw_path(scope: Scope) -> str:
@@ -318,13 +311,6 @@ def _bearer_token(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_INVALID")
     return token.strip()
-
-
-def _merchant_of(request: Message) -> str:
-    descriptor = request.DESCRIPTOR.fields_by_name.get(MERCHANT_FIELD)
-    if descriptor is None or descriptor.type != descriptor.TYPE_STRING:
-        return ""
-    return getattr(request, MERCHANT_FIELD)
 
 
 async def _read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
@@ -431,7 +417,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         exchange = _exchange_of(scope)
         scope["tally.exchange"] = exchange
-        request_id_header = (REQUEST_ID_HEADER.encode(), exchange.request_id.encode())
+        request_id_header = (REQUEST_ID_HEADER, exchange.request_id.encode())
         resets = (
             context.correlation_id.set(exchange.request_id),
             context.bearer_token.set(""),
@@ -495,21 +481,18 @@ def _exchange_of(scope: Scope) -> _Exchange:
     """Read the headers the gateway uses, in one pass."""
     request_id = idempotency_key = authorization = content_type = None
     content_length: int | None = None
-    pairs: list[tuple[str, str]] = []
     for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1")
-        value = raw_value.decode("latin-1")
-        pairs.append((name, value))
-        if name == REQUEST_ID_HEADER:
-            request_id = value
-        elif name == "idempotency-key":
-            idempotency_key = value
-        elif name == "authorization":
-            authorization = value
-        elif name == "content-type":
-            content_type = value
-        elif name == "content-length" and value.isdigit():
-            content_length = int(value)
+        # ASGI servers give header names in lower case.
+        if raw_name == REQUEST_ID_HEADER:
+            request_id = raw_value.decode("latin-1")
+        elif raw_name == b"idempotency-key":
+            idempotency_key = raw_value.decode("latin-1")
+        elif raw_name == b"authorization":
+            authorization = raw_value.decode("latin-1")
+        elif raw_name == b"content-type":
+            content_type = raw_value.decode("latin-1")
+        elif raw_name == b"content-length" and raw_value.isdigit():
+            content_length = int(raw_value)
     if not _well_formed_request_id(request_id):
         request_id = str(uuid.uuid4())
     assert request_id is not None
@@ -519,7 +502,6 @@ def _exchange_of(scope: Scope) -> _Exchange:
         authorization=authorization,
         content_type=content_type,
         content_length=content_length,
-        header_pairs=pairs,
     )
 
 

@@ -283,6 +283,12 @@ class Routing:
     skipped: tuple[tuple[str, str], ...]
 
 
+def service_label(service: str) -> str:
+    """A service's short name for people: `tally.ledger.v1.LedgerService` → `ledger`."""
+    parts = service.split(".")
+    return parts[1] if len(parts) == 4 and parts[0] == "tally" else service
+
+
 def discover_service_files(package: str = "tally") -> tuple[FileDescriptor, ...]:
     """The file descriptor of every generated `*_service_pb2` module under `package`."""
     root = importlib.import_module(package)

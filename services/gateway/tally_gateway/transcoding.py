@@ -43,7 +43,7 @@ from tally_kit.errors import FieldViolation, InvalidArgument, TallyError
 from tally_kit.status import error_domain, to_grpc_status
 
 from tally_gateway.protojson import JsonPrinter
-from tally_gateway.routes import Route
+from tally_gateway.routes import Route, service_label
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +142,16 @@ class RequestTranscoder:
         self._raw_body = self._body_field is not None and _is_http_body(self._body_field)
         self._query_fields = query_fields(request, route)
         self._request_id_field = REQUEST_ID_FIELD in request.fields_by_name
+        merchant_field = request.fields_by_name.get(MERCHANT_FIELD)
+        self._names_merchant = (
+            merchant_field is not None and merchant_field.type == FieldDescriptor.TYPE_STRING
+        )
         headers_field = request.fields_by_name.get(HEADERS_FIELD)
         self._fill_headers = self._raw_body and headers_field is not None and _is_string_map(headers_field)
 
-    @property
-    def query_fields(self) -> Mapping[str, tuple[FieldDescriptor, ...]]:
-        """Every accepted query parameter name and the field chain it binds."""
-        return self._query_fields
-
-    @property
-    def takes_body(self) -> bool:
-        return bool(self._route.body)
-
-    @property
-    def raw_body(self) -> bool:
-        return self._raw_body
+    def merchant_of(self, message: Message) -> str:
+        """The request's merchant (its `merchant_id`), "" when it names none."""
+        return getattr(message, MERCHANT_FIELD) if self._names_merchant else ""
 
     def build(
         self,
@@ -165,7 +160,7 @@ class RequestTranscoder:
         query: Sequence[tuple[str, str]],
         body: bytes,
         content_type: str | None,
-        headers: Iterable[tuple[str, str]],
+        headers: Iterable[tuple[bytes, bytes]],
         idempotency_key: str | None,
     ) -> Message:
         """The request message; InvalidArgument naming every field that could not be bound."""
@@ -357,11 +352,12 @@ def _bind_path_value(
     setattr(parent, leaf.name, value)
 
 
-def _copy_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
-    for name, value in headers:
-        key = name.lower()
+def _copy_headers(target: Any, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    for raw_name, raw_value in headers:
+        key = raw_name.decode("latin-1").lower()
         if key in _WITHHELD_HEADERS:
             continue
+        value = raw_value.decode("latin-1")
         # Repeated headers are one comma-separated list (RFC 9110 §5.3).
         target[key] = f"{target[key]}, {value}" if key in target else value
 
@@ -433,11 +429,8 @@ def status_of_rpc_error(error: grpc.aio.AioRpcError, service: str) -> tuple[int,
 
 
 def _failure_message(code: grpc.StatusCode, service: str) -> str:
-    # `tally.ledger.v1.LedgerService` → `ledger`
-    parts = service.split(".")
-    label = parts[1] if len(parts) == 4 and parts[0] == "tally" else service
     template = _UPSTREAM_FAILURE_MESSAGES.get(code, "the call to the {service} service failed")
-    return template.format(service=label)
+    return template.format(service=service_label(service))
 
 
 def encode_status(status: status_pb2.Status) -> bytes:

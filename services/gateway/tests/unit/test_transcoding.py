@@ -49,7 +49,7 @@ def build(
     body: Any = None,
     raw: bytes | None = None,
     content_type: str | None = "application/json",
-    headers: list[tuple[str, str]] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
     key: str | None = None,
     alias: bool = False,
 ) -> Any:
@@ -208,11 +208,11 @@ def test_a_raw_body_rpc_gets_the_bytes_and_headers_without_credentials() -> None
         raw=body,
         content_type="application/json; charset=utf-8",
         headers=[
-            ("X-ANET-Signature", "sha512=ABC"),
-            ("authorization", "Bearer secret"),
-            ("cookie", "c=1"),
-            ("x-forwarded-for", "10.0.0.1"),
-            ("x-forwarded-for", "10.0.0.2"),
+            (b"X-ANET-Signature", b"sha512=ABC"),
+            (b"authorization", b"Bearer secret"),
+            (b"cookie", b"c=1"),
+            (b"x-forwarded-for", b"10.0.0.1"),
+            (b"x-forwarded-for", b"10.0.0.2"),
         ],
     )
     assert (webhook.merchant_id, webhook.provider) == ("acme", "authorize_net")
