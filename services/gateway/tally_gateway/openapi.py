@@ -413,7 +413,8 @@ def _operation_html(method: str, path: str, operation: dict[str, Any], document:
     answer = ", ".join(f"<code>{_e(m)}</code> {_type_html(e.get('schema', {}))}" for m, e in success.items())
     return (
         f"<details id='{_e(operation['operationId'])}'><summary><span class='m {_e(method)}'>"
-        f"{_e(method.upper())}</span> {_e(path)}</summary>"
+        f"{_e(method.upper())}</span> {_e(path)} "
+        f"<span class=muted>{_e(operation['summary'])}</span></summary>"
         f"<p>{_inline(operation['description'])}</p>"
         f"<table><tr><th>parameter</th><th>in</th><th>type</th><th>required</th></tr>{''.join(rows)}</table>"
         f"{body}<p>200: {answer}. Errors: a <a href='#schema-{STATUS_SCHEMA}'>Status</a>.</p></details>"
