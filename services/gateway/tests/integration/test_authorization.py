@@ -1,5 +1,6 @@
 """The authorization matrix: every route by role by own or other merchant, and tokens that must
-never get through (missing, expired, forged, for another audience or issuer, `alg: none`).
+never get through (missing, expired, forged, for another audience or issuer, `alg: none`);
+production keys (RS256, ES256) from a JWKS file under an algorithm allow-list.
 
 A refusal is the gateway's own (domain `gateway.tally`), says nothing but the refusal, and
 reaches no service: the gRPC servers of this process start no call while refusals are
@@ -9,12 +10,17 @@ it will (the requests carry placeholder ids, so mostly 400 or 404) but never 401
 
 from __future__ import annotations
 
+import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gateway_e2e import (
     Gateway,
     Upstreams,
@@ -28,6 +34,7 @@ from gateway_e2e import (
     token,
 )
 from tally.common.v1 import access_pb2
+from tally.kittest.v1 import kittest_pb2
 from tally_gateway.routes import Route
 
 pytestmark = pytest.mark.integration
@@ -176,3 +183,48 @@ async def test_service_tokens_are_refused_at_the_edge(gateway: Gateway, merchant
     service = token(gateway.settings, "service")
     answer = await gateway.request("GET", f"/v1/merchants/{merchants.own}/users/u-1/balance", token=service)
     assert_refused(answer, 403, {"ROLE_NOT_ALLOWED"}, "service")
+
+
+async def test_production_keys_from_a_jwks_file_with_an_algorithm_allow_list(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    keys = []
+    for kid, key, algorithm in (("rsa-1", rsa_key, "RS256"), ("ec-1", ec_key, "ES256")):
+        jwk = json.loads(jwt.algorithms.get_default_algorithms()[algorithm].to_jwk(key.public_key()))
+        keys.append({**jwk, "kid": kid, "alg": algorithm, "use": "sig"})
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": keys}))
+    settings = gateway_settings(
+        upstreams, readiness_services=[], jwt_algorithms=["RS256", "ES256"], jwt_jwks_file=str(jwks)
+    )
+    claims = {
+        "sub": "acme-app",
+        "role": "app",
+        "merchant_id": "acme",
+        "aud": settings.jwt_audience,
+        "iss": settings.jwt_issuer,
+        "exp": int(time.time()) + 600,
+    }
+
+    def signed(key: object, algorithm: str, kid: str) -> str:
+        return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": kid})  # type: ignore[arg-type]
+
+    async with running_gateway(settings, service_files=[kittest_pb2.DESCRIPTOR]) as gateway:
+        other_merchant = "/v1/merchants/other/kittest:echo"
+
+        async def reason(bearer: str) -> str:
+            return refusal_of(
+                await gateway.request("POST", other_merchant, token=bearer, json_body={})
+            ).reason
+
+        # Valid signatures: the token is accepted, then refused for naming another merchant.
+        assert await reason(signed(rsa_key, "RS256", "rsa-1")) == "MERCHANT_MISMATCH"
+        assert await reason(signed(ec_key, "ES256", "ec-1")) == "MERCHANT_MISMATCH"
+        # HS256 is off the allow-list, even signed with the development secret.
+        assert await reason(token(settings, "app", "acme")) == "TOKEN_INVALID"
+        assert await reason(signed(rsa_key, "RS256", "unknown-kid")) == "TOKEN_KEY_UNKNOWN"
+        assert (
+            await reason(signed(rsa.generate_private_key(65537, 2048), "RS256", "rsa-1")) == "TOKEN_INVALID"
+        )
