@@ -235,14 +235,13 @@ class Gateway:
 
     async def answer(self, exchange: _Exchange, scope: Scope, receive: Receive) -> tuple[int, bytes, str]:
         """Serve one API request: (HTTP status, body, media type). Raises TallyError to refuse."""
-        method: str = scope["method"]
-        raw_path = _raw_path(scope)
-        route, bindings = self.table.match(method, raw_path)
+        client = scope.get("client")
+        # Taken before the route is known: requests for no route count against their address too.
+        wait = self._by_address.take(client[0] if client else "")
+        route, bindings = self.table.match(scope["method"], _raw_path(scope))
         endpoint = self._endpoints[route]
         exchange.route = route.template.text
         exchange.grpc_method = route.rpc.full_method
-        client = scope.get("client")
-        wait = self._by_address.take(client[0] if client else "")
         if wait:
             raise RateLimited(wait, "address")
         principal = None

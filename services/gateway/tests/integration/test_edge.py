@@ -58,6 +58,10 @@ async def test_each_client_address_has_its_own_rate_limit(upstreams: Upstreams) 
         assert 1.9 < float(retry["retryDelay"].removesuffix("s")) <= 2.0
         async with client_from(gateway, "192.0.2.2") as other:
             assert (await other.get(PING)).status_code == 200
+            # Requests for no route spend the address's allowance as well.
+            for _ in range(2):
+                assert (await other.get("/v1/nowhere")).status_code == 404
+            assert (await other.get(PING)).status_code == 429
 
 
 async def test_each_token_has_its_own_rate_limit(upstreams: Upstreams) -> None:
