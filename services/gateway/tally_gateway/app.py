@@ -1,14 +1,15 @@
 """The gateway's Starlette app: the routed API, health, readiness, metrics, OpenAPI and docs.
 
     app = build_app(GatewaySettings())      # routes from every *_service_pb2 under `tally`
-    uvicorn.run(app, ...)                   # or: async with app.state.gateway.running(): ...
+    uvicorn.run(app, ...)                   # its lifespan opens and closes the upstream channels
 
-One API request goes: match a route → rate limit by client address → verify the bearer
-token (when the route needs one, or one is sent) → refuse a role or merchant the route does
-not allow (before the body is read) → rate limit by token → read the body (size-limited)
-→ build the request message → check the merchant it names → call the upstream with a
-deadline, forwarding the token and the request id → answer in JSON. Every refusal is a
-`google.rpc.Status` body (see `transcoding`). The upstream checks the token again.
+One API request goes: rate limit by client address → match a route → verify the bearer
+token (when the route needs one, or one is sent) → rate limit by token → refuse a role or
+a merchant the route does not allow (before the body is read) → read the body
+(size-limited) → build the request message → check the merchant it names → call the
+upstream with a deadline, forwarding the token and the request id → answer in JSON. Every
+refusal is a `google.rpc.Status` body (see `transcoding`). The upstream checks the token
+again.
 
 Every response carries `X-Request-Id` (the caller's when well-formed, else a new UUID); it
 is the correlation id of the upstream call and of the access log line, which also names the
