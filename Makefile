@@ -10,7 +10,7 @@ UV_VERSION := 0.13.8
 BUF_VERSION := 1.75.0
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: env gen run test lint fmt bench dev-token validate-deploy image
+.PHONY: env gen run test lint fmt bench bench-gateway dev-token validate-deploy image
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -56,6 +56,9 @@ fmt: env
 
 bench: gen  ## catalog benchmark: GetProduct/ListProducts throughput and merchant provisioning time
 	$(PY) bench/catalog_bench.py $(BENCH_ARGS)
+
+bench-gateway: gen  ## GET balance through the HTTP gateway and direct over gRPC
+	$(PY) bench/gateway_bench.py $(BENCH_ARGS)
 
 validate-deploy: env  ## Dockerfile, compose, Prometheus rules and tests, dashboards, RabbitMQ definitions, Helm chart
 	bash scripts/validate_deploy.sh

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -16,11 +17,14 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally_catalog.settings import CatalogSettings
+from tally_gateway.settings import GatewaySettings
 from tally_kit.auth import issue_dev_token
 from tally_kit.settings import ServiceSettings
 from tally_ledger.settings import LedgerSettings
+from tally_payment_gateway.settings import PaymentGatewaySettings
 from tally_receipt.settings import ReceiptSettings
 
 COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m"]
@@ -32,20 +36,64 @@ STOP_TIMEOUT_SECONDS = 20.0
 class ServiceSpec:
     name: str
     module: str
-    settings_class: type[ServiceSettings]
+    # None for a process that needs neither PostgreSQL nor RabbitMQ (the PSP simulator).
+    settings_class: type[ServiceSettings] | None
+    args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # HTTP servers are ready when GET of this path on `http_port` answers 200; gRPC services
+    # when their health service reports SERVING.
+    http_ready_path: str | None = None
+    http_port: int | None = None
 
-    def settings(self) -> ServiceSettings:
+    def settings(self) -> ServiceSettings | None:
         """What the service will read from this environment: its ports and its servers."""
-        return self.settings_class()
+        return self.settings_class() if self.settings_class else None
+
+    def endpoint(self) -> str:
+        if self.http_port is not None:
+            return f"http://127.0.0.1:{self.http_port}"
+        settings = self.settings()
+        assert settings is not None, "a gRPC service has settings"
+        return f"127.0.0.1:{settings.grpc_port} (gRPC; metrics on :{settings.metrics_port})"
 
 
-# Started in this order, each once the previous is healthy: the ledger and the receipt
-# service read the catalog, and every consumer declares its queue before anyone publishes.
+GATEWAY_PORT = GatewaySettings().http_port
+SIMULATOR_PORT = 8090
+
+# Started in this order, each once the previous is ready: the ledger, the receipt service
+# and the payment gateway read the catalog or the simulator, every consumer declares its
+# queue before anyone publishes, and the HTTP gateway comes last.
 SUITE: tuple[ServiceSpec, ...] = (
     ServiceSpec("catalog", "tally_catalog", CatalogSettings),
     ServiceSpec("ledger", "tally_ledger", LedgerSettings),
     ServiceSpec("receipt", "tally_receipt", ReceiptSettings),
+    ServiceSpec(
+        "psp-simulator",
+        "psp_simulator",
+        None,
+        args=("--port", str(SIMULATOR_PORT)),
+        http_ready_path="/_simulator/transactions",
+        http_port=SIMULATOR_PORT,
+    ),
+    ServiceSpec("payment-gateway", "tally_payment_gateway", PaymentGatewaySettings),
+    ServiceSpec(
+        "gateway",
+        "tally_gateway",
+        GatewaySettings,
+        # Readiness covers the services this suite runs; the scheduler and loyalty come later.
+        env={
+            "GATEWAY_READINESS_SERVICES": json.dumps(
+                [
+                    "tally.catalog.v1.CatalogService",
+                    "tally.ledger.v1.LedgerService",
+                    "tally.receipt.v1.ReceiptService",
+                    "tally.payment_gateway.v1.PaymentGatewayService",
+                ]
+            )
+        },
+        http_ready_path="/readyz",
+        http_port=GATEWAY_PORT,
+    ),
 )
 
 
@@ -69,6 +117,8 @@ async def _check_dependencies(services: tuple[ServiceSpec, ...]) -> list[str]:
     problems = []
     for spec in services:
         settings = spec.settings()
+        if settings is None or spec.settings_class is None:
+            continue
         prefix = spec.settings_class.model_config.get("env_prefix", "")
         pg = (settings.pg_host, settings.pg_port)
         if not await _reachable(*pg):
@@ -93,7 +143,30 @@ async def _pump(name: str, color: str, stream: asyncio.StreamReader, width: int)
         sys.stdout.flush()
 
 
-async def _wait_healthy(port: int, process: asyncio.subprocess.Process, wait_seconds: float) -> bool:
+async def _wait_ready(spec: ServiceSpec, process: asyncio.subprocess.Process, wait_seconds: float) -> bool:
+    if spec.http_ready_path is not None and spec.http_port is not None:
+        return await _wait_http_ready(spec.http_port, spec.http_ready_path, process, wait_seconds)
+    settings = spec.settings()
+    assert settings is not None, "a gRPC service has settings"
+    return await _wait_grpc_serving(settings.grpc_port, process, wait_seconds)
+
+
+async def _wait_http_ready(
+    port: int, path: str, process: asyncio.subprocess.Process, wait_seconds: float
+) -> bool:
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1.0) as client:
+        while asyncio.get_running_loop().time() < deadline:
+            if process.returncode is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(path)).status_code == 200:
+                    return True
+            await asyncio.sleep(0.25)
+    return False
+
+
+async def _wait_grpc_serving(port: int, process: asyncio.subprocess.Process, wait_seconds: float) -> bool:
     deadline = asyncio.get_running_loop().time() + wait_seconds
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -141,6 +214,7 @@ async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> in
                 sys.executable,
                 "-m",
                 spec.module,
+                *spec.args,
                 env={**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"},
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -151,20 +225,17 @@ async def launch(services: tuple[ServiceSpec, ...], health_timeout: float) -> in
             pumps.append(
                 asyncio.create_task(_pump(spec.name, COLORS[index % len(COLORS)], process.stdout, width))
             )
-            settings = spec.settings()
-            if not await _wait_healthy(settings.grpc_port, process, health_timeout):
+            if not await _wait_ready(spec, process, health_timeout):
                 print(
                     f"error: {spec.name} did not become healthy within {health_timeout:.0f}s", file=sys.stderr
                 )
                 return 1
-            print(
-                f"{spec.name} is serving on 127.0.0.1:{settings.grpc_port}"
-                f" (metrics on :{settings.metrics_port})",
-                flush=True,
-            )
+            print(f"{spec.name} is serving on {spec.endpoint()}", flush=True)
 
-        token = issue_dev_token(services[0].settings(), role="platform", merchant_id=None, subject="launcher")
+        token = issue_dev_token(GatewaySettings(), role="platform", merchant_id=None, subject="launcher")
         print("\nTally is running. Press Ctrl-C to stop.", flush=True)
+        print(f"HTTP gateway:  http://127.0.0.1:{GATEWAY_PORT}", flush=True)
+        print(f"API docs:      http://127.0.0.1:{GATEWAY_PORT}/docs", flush=True)
         print(f"development token (platform role, 1 h):\n{token}\n", flush=True)
 
         exited = [asyncio.create_task(p.wait()) for p in processes.values()]
