@@ -40,6 +40,7 @@ import asyncpg
 from google.protobuf.message import Message
 from tally.common.v1.event_pb2 import EventEnvelope
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
+from tally_kit import context
 from tally_kit.db import MerchantDirectory
 from tally_kit.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, RuleViolation
 from tally_kit.events import EventConsumer, Handler
@@ -159,6 +160,11 @@ class NotificationHandler:
             raise InvalidArgument([FieldViolation("body.payload.authAmount", str(error))]) from None
         if not events:
             return "unchanged"
+        if payment.pending is not None:
+            # The notification settles (or waits for) the payment's call: its story goes on
+            # under the call's correlation id, events included.
+            correlation_id = await store.call_correlation_id(conn, payment) or correlation_id
+            context.correlation_id.set(correlation_id)
         change = Change(f"provider:{payment.provider}", correlation_id, self._clock())
         tx = Transaction(conn, merchant_id=merchant_id, producer=self._producer)
         try:

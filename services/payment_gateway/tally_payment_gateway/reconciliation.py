@@ -26,7 +26,6 @@ fails when it was the first call. Until then the payment waits for the next run.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -113,8 +112,8 @@ class ReconcileCalls:
         events = await self._ask_provider(payment, overdue=overdue)
         if not events:
             return
-        correlation_id = f"reconciliation-{uuid.uuid4()}"
-        # The events the change publishes carry it too.
+        # The call's story goes on under its correlation id, in the audit and in the events.
+        correlation_id = await store.call_correlation_id(tx.conn, payment)
         context.correlation_id.set(correlation_id)
         settled = await store.apply(tx, payment, events, Change(ACTOR, correlation_id, now))
         log.info(

@@ -453,6 +453,25 @@ async def audit_trail(conn: asyncpg.Connection, merchant_id: str, payment_id: UU
     ]
 
 
+async def call_correlation_id(conn: asyncpg.Connection, payment: Payment) -> str:
+    """The correlation id of the request that started the payment's pending call (its audit
+    row), so that whoever settles the call (its answer, a webhook, the reconciliation job)
+    tells the rest of the call's story under the same id; '' when there is none."""
+    if payment.pending is None:
+        return ""
+    correlation_id = await conn.fetchval(
+        """
+        SELECT correlation_id FROM payment_audit
+        WHERE merchant_id = $1 AND payment_id = $2 AND action = $3
+        ORDER BY audit_id DESC LIMIT 1
+        """,
+        payment.merchant_id,
+        payment.payment_id,
+        f"{payment.pending.operation.value}_started",
+    )
+    return correlation_id or ""
+
+
 # --- reconciliation -----------------------------------------------------------------------
 
 

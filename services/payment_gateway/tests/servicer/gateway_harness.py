@@ -422,15 +422,45 @@ class Gateway:
 
     async def event(self, payment_id: str, routing_key: str, *, within: float = 10.0) -> CapturedEvent:
         """The one event of `routing_key` about the payment, once published."""
+        [found] = await self.published(payment_id, routing_key, 1, within=within)
+        return found
+
+    async def published(
+        self, payment_id: str, routing_key: str, count: int, *, within: float = 10.0
+    ) -> list[CapturedEvent]:
+        """The events of `routing_key` about the payment, once `count` are published; more fail."""
         found: list[CapturedEvent] = []
 
-        async def published() -> bool:
+        async def arrived() -> bool:
             found[:] = await self.events_of(payment_id, routing_key=routing_key)
-            return bool(found)
+            return len(found) >= count
 
-        await eventually(published, within=within)
-        assert len(found) == 1, found
-        return found[0]
+        await eventually(arrived, within=within)
+        assert len(found) == count, found
+        return found
+
+    async def processed_notifications(
+        self, merchant_id: str, transaction_id: str, count: int, *, within: float = 10.0
+    ) -> list[tuple[str, str]]:
+        """(event type, outcome) of the notifications about the provider transaction, once `count`
+        of them are received and processed, in the order they were received."""
+        rows: list[tuple[str, str]] = []
+
+        async def processed() -> bool:
+            found = await self.databases.fetch(
+                merchant_id,
+                """
+                SELECT event_type, outcome FROM webhook_notifications
+                WHERE entity_id = $1 ORDER BY received_at, notification_id
+                """,
+                transaction_id,
+            )
+            rows[:] = [(row["event_type"], row["outcome"]) for row in found]
+            return len(rows) >= count and all(outcome is not None for _, outcome in rows)
+
+        await eventually(processed, within=within)
+        assert len(rows) == count, rows
+        return rows
 
 
 def gateway_settings(
