@@ -10,7 +10,7 @@ UV_VERSION := 0.13.8
 BUF_VERSION := 1.75.0
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: env gen run test lint fmt bench bench-gateway dev-token validate-deploy image
+.PHONY: env gen run demo test lint fmt bench bench-gateway dev-token validate-deploy image
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -33,6 +33,9 @@ gen: $(GENERATED)  ## generate the protobuf/gRPC package into gen/
 
 run: gen  ## start the suite as local processes (catalog for now)
 	$(PY) -m tally_launcher
+
+demo: gen  ## drive a merchant's first day through the HTTP gateway (needs `make run` running)
+	$(PY) scripts/demo.py
 
 test: gen  ## run every test against the local PostgreSQL and RabbitMQ
 	$(PY) -m pytest $(PYTEST_ARGS)
