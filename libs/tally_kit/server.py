@@ -107,6 +107,9 @@ class ServiceApp:
         except BaseException:
             metrics_server.close()
             await server.stop(None)
+            # Release what the hooks that did run opened (pools, broker connections); stop
+            # hooks tolerate a component that never started.
+            await self._run_stop_hooks()
             raise
         for name in (_OVERALL, *(s.name for s in self._services)):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -127,16 +130,19 @@ class ServiceApp:
         if self.settings.shutdown_drain_seconds:
             await asyncio.sleep(self.settings.shutdown_drain_seconds)
         await server.stop(self.settings.shutdown_grace_seconds)
+        await self._run_stop_hooks()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        log.info("stopped")
+
+    async def _run_stop_hooks(self) -> None:
         for hook in self._on_stop:
             try:
                 await hook()
             except Exception:
                 # The remaining hooks still release what they own.
                 log.exception("on_stop hook %s failed", getattr(hook, "__qualname__", hook))
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        log.info("stopped")
 
     async def serve(self) -> None:
         """Start, wait for SIGTERM or SIGINT, stop gracefully."""

@@ -491,6 +491,24 @@ async def test_stop_drains_finishes_in_flight_calls_then_runs_on_stop_hooks() ->
     assert events == ["on_start", "finished before on_stop: ['slow']", "on_stop"]
 
 
+async def test_a_failed_start_releases_what_the_hooks_before_it_opened() -> None:
+    events: list[str] = []
+
+    async def open_pools() -> None:
+        events.append("pools opened")
+
+    async def connect_broker() -> None:
+        raise ConnectionRefusedError("broker down")
+
+    async def close_pools() -> None:
+        events.append("pools closed")
+
+    app = kit_app(KitTestServicer(), on_start=[open_pools, connect_broker], on_stop=[close_pools])
+    with pytest.raises(ConnectionRefusedError):
+        await app.start()
+    assert events == ["pools opened", "pools closed"]
+
+
 # Per-method work done once
 
 
