@@ -260,35 +260,29 @@ async def get_payment(
     conn: asyncpg.Connection, merchant_id: str, payment_id: UUID, *, lock: bool = False
 ) -> Payment | None:
     """The payment with its refunds and chargeback; `lock` takes its row for the transaction."""
-    row = await conn.fetchrow(
-        f"{_SELECT_PAYMENT} AND payment_id = $2{' FOR UPDATE' if lock else ''}", merchant_id, payment_id
-    )
-    return None if row is None else (await _with_children(conn, merchant_id, [row]))[0]
+    return await _one_payment(conn, merchant_id, "payment_id = $2", payment_id, lock=lock)
 
 
 async def find_payment_by_order_reference(
     conn: asyncpg.Connection, merchant_id: str, provider_order_reference: str, *, lock: bool = False
 ) -> Payment | None:
     """The payment carrying this reference at the provider (Authorize.Net `invoiceNumber`)."""
-    row = await conn.fetchrow(
-        f"{_SELECT_PAYMENT} AND provider_order_reference = $2{' FOR UPDATE' if lock else ''}",
-        merchant_id,
-        provider_order_reference,
+    return await _one_payment(
+        conn, merchant_id, "provider_order_reference = $2", provider_order_reference, lock=lock
     )
-    return None if row is None else (await _with_children(conn, merchant_id, [row]))[0]
 
 
 async def find_payment_by_provider_reference(
     conn: asyncpg.Connection, merchant_id: str, provider_reference: str, *, lock: bool = False
 ) -> Payment | None:
     """The payment whose authorization (or purchase) is this provider transaction."""
-    row = await conn.fetchrow(
-        f"{_SELECT_PAYMENT} AND provider_reference = $2 AND provider_reference <> ''"
-        f"{' FOR UPDATE' if lock else ''}",
+    return await _one_payment(
+        conn,
         merchant_id,
+        "provider_reference = $2 AND provider_reference <> ''",
         provider_reference,
+        lock=lock,
     )
-    return None if row is None else (await _with_children(conn, merchant_id, [row]))[0]
 
 
 async def list_payments(
@@ -310,13 +304,35 @@ async def list_payments(
         arguments.extend(page.after)
         conditions.append(f"(created_at, payment_id) < (${len(arguments) - 1}, ${len(arguments)})")
     arguments.append(page.size + 1)
-    rows = await conn.fetch(
+    payments = await _payments(
+        conn,
+        merchant_id,
         f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE {' AND '.join(conditions)}"
         f" ORDER BY created_at DESC, payment_id DESC LIMIT ${len(arguments)}",
-        *arguments,
+        arguments,
     )
-    payments = await _with_children(conn, merchant_id, rows)
     return page_of(payments, page, lambda payment: (payment.created_at, payment.payment_id))
+
+
+async def _one_payment(
+    conn: asyncpg.Connection, merchant_id: str, condition: str, value: object, *, lock: bool
+) -> Payment | None:
+    query = f"{_SELECT_PAYMENT} AND {condition}{' FOR UPDATE' if lock else ''}"
+    found = await _payments(conn, merchant_id, query, [merchant_id, value])
+    return found[0] if found else None
+
+
+async def _payments(
+    conn: asyncpg.Connection, merchant_id: str, query: str, arguments: Sequence[object]
+) -> list[Payment]:
+    """The payments `query` selects with their refunds and chargebacks, read consistently: in
+    the caller's transaction (whose lock on a payment keeps its refunds from changing), or else
+    in a read-only snapshot of their own, so that a refund committed between the queries cannot
+    show in one and not in the other."""
+    if conn.is_in_transaction():
+        return await _with_children(conn, merchant_id, await conn.fetch(query, *arguments))
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _with_children(conn, merchant_id, await conn.fetch(query, *arguments))
 
 
 async def _with_children(

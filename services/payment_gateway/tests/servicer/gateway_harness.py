@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import secrets
 import socket
 import sys
@@ -205,6 +206,7 @@ class WebhookReceiver:
     def __init__(self) -> None:
         self.modes: dict[str, Webhooks] = {}
         self.held: defaultdict[str, asyncio.Queue[Notification]] = defaultdict(asyncio.Queue)
+        self._stash: defaultdict[str, list[Notification]] = defaultdict(list)
         self.stub: payment_gateway_service_pb2_grpc.PaymentGatewayServiceStub | None = None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.bind(("127.0.0.1", 0))
@@ -226,9 +228,19 @@ class WebhookReceiver:
         if self._serving is not None:
             await self._serving
 
-    async def next_held(self, merchant_id: str, *, within: float = 5.0) -> Notification:
+    async def take_held(
+        self, merchant_id: str, event_type: str, transaction_id: str, *, within: float = 5.0
+    ) -> Notification:
+        """The held notification of `event_type` about the provider transaction, once it came;
+        the others stay held (the simulator delivers in the background, in any order)."""
         async with asyncio.timeout(within):
-            return await self.held[merchant_id].get()
+            while True:
+                for notification in self._stash[merchant_id]:
+                    document = json.loads(notification.body)
+                    if (document["eventType"], document["payload"]["id"]) == (event_type, transaction_id):
+                        self._stash[merchant_id].remove(notification)
+                        return notification
+                self._stash[merchant_id].append(await self.held[merchant_id].get())
 
     async def _receive(self, request: Request) -> Response:
         merchant_id = request.path_params["merchant_id"]
