@@ -50,7 +50,13 @@ from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import payment_gateway_service_pb2_grpc
 from tally.payment_gateway.v1 import resources_pb2 as res
 from tally_kit.auth import issue_dev_token
-from tally_kit.events.topology import dead_letter_exchange_name, events_queue_name, parking_queue_name
+from tally_kit.events.topology import (
+    dead_letter_exchange_name,
+    events_queue_name,
+    parking_queue_name,
+    unrouted_exchange_name,
+    unrouted_queue_name,
+)
 from tally_kit.jobs import JobRun
 from tally_kit.testing import drop_databases, unique_prefix
 from tally_payment_gateway import reconciliation
@@ -563,14 +569,26 @@ async def _running_app(
         await app.stop()
         await events.close()
         await drop_databases(settings, settings.db_prefix)
-        await _delete_consumer_topology(settings)
+        await delete_broker_objects(settings)
 
 
-async def _delete_consumer_topology(settings: PaymentGatewaySettings) -> None:
+async def delete_broker_objects(settings: PaymentGatewaySettings) -> None:
+    """Delete what an app of these settings declared on RabbitMQ: its consumer's queues and
+    dead-letter exchange, the events exchange and its alternate exchange and queue (deleting
+    what is gone already is no error)."""
     consumer = consumer_name(settings)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     async with connection:
         channel = await connection.channel()
-        for queue in (events_queue_name(consumer), parking_queue_name(consumer)):
+        for queue in (
+            events_queue_name(consumer),
+            parking_queue_name(consumer),
+            unrouted_queue_name(settings.events_exchange),
+        ):
             await channel.queue_delete(queue)
-        await channel.exchange_delete(dead_letter_exchange_name(consumer))
+        for exchange in (
+            dead_letter_exchange_name(consumer),
+            settings.events_exchange,
+            unrouted_exchange_name(settings.events_exchange),
+        ):
+            await channel.exchange_delete(exchange)
