@@ -8,6 +8,10 @@ stored response (commit) or reserves the key itself (rollback). One key, one eff
 
 A repeat with the same operation and payload gets the first response; with a different
 payload or operation it is refused with ALREADY_EXISTS, reason IDEMPOTENCY_KEY_REUSED.
+
+`begin`/`finish` reserve the key before the effect. `tally_kit.uow.Mutations` records it
+after the effect instead, with its response in one statement (see there); both keep the
+key and the effect in one transaction, and `stored_response` answers repeats for both.
 """
 
 from __future__ import annotations
@@ -76,9 +80,25 @@ async def begin(
     )
     if reserved:
         return None
+    stored = await stored_response(
+        conn, request_id=request_id, request_fingerprint=request_fingerprint, response_type=response_type
+    )
+    if stored is None:
+        raise RuntimeError(f"request_id '{request_id}' conflicted, yet no request recorded it")
+    return stored
+
+
+async def stored_response(
+    conn: asyncpg.Connection, *, request_id: str, request_fingerprint: str, response_type: type[M]
+) -> M | None:
+    """The response of the request that recorded the key (committed, or reserved earlier in the
+    caller's own transaction); None when none did. A key recorded for another payload or
+    operation is refused with ALREADY_EXISTS, reason IDEMPOTENCY_KEY_REUSED."""
     stored = await conn.fetchrow(
         "SELECT fingerprint, response FROM idempotency_keys WHERE request_id = $1", request_id
     )
+    if stored is None:
+        return None
     if stored["fingerprint"] != request_fingerprint:
         raise AlreadyExists(
             f"request_id '{request_id}' was used for a different request", reason="IDEMPOTENCY_KEY_REUSED"
