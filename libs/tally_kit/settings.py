@@ -41,6 +41,8 @@ class ServiceSettings(BaseSettings):
     # Ceiling on connections this process holds across every pool, control pool included.
     db_max_connections: int = Field(24, ge=2)
     db_command_timeout_seconds: float = Field(10.0, gt=0)
+    # A pooled connection unused this long is closed (pools keep none open when idle).
+    db_idle_connection_seconds: float = Field(60.0, gt=0)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     events_exchange: str = "tally.events"

@@ -401,6 +401,7 @@ async def test_a_connection_whose_session_changed_is_reset_before_reuse(
         max_connections=1,
         acquire_timeout=5.0,
         command_timeout=5.0,
+        idle_connection_seconds=60.0,
     )
     try:
         address = (await directory.provision("dirty")).address

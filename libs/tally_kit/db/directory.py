@@ -117,6 +117,7 @@ class MerchantDirectory:
             max_connections=settings.db_max_connections,
             acquire_timeout=settings.db_command_timeout_seconds,
             command_timeout=settings.db_command_timeout_seconds,
+            idle_connection_seconds=settings.db_idle_connection_seconds,
         )
         self._placements: dict[str, MerchantPlacement] = {}
         self._provisioning: dict[str, asyncio.Task[MerchantPlacement]] = {}

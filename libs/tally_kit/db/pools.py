@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 # Idle connections are closed after this long, freeing server connections for the other
 # services and developers sharing the server.
-_IDLE_CONNECTION_LIFETIME_SECONDS = 60.0
 
 POOLS_OPEN = Gauge("tally_db_pools_open", "Database connection pools open, evicted ones until they close")
 CONNECTIONS_MAX = Gauge("tally_db_connections_max", "Ceiling on the database connections the process holds")
@@ -97,6 +96,7 @@ class BoundedPools:
         max_connections: int,
         acquire_timeout: float,
         command_timeout: float,
+        idle_connection_seconds: float,
     ) -> None:
         self._user = user
         self._password = password
@@ -105,6 +105,7 @@ class BoundedPools:
         self._pool_max_size = pool_max_size
         self._acquire_timeout = acquire_timeout
         self._command_timeout = command_timeout
+        self._idle_connection_seconds = idle_connection_seconds
         self._max_connections = max_connections
         self._slots = asyncio.Semaphore(max_connections)
         CONNECTIONS_MAX.inc(max_connections)
@@ -223,7 +224,7 @@ class BoundedPools:
         pool = await asyncpg.create_pool(
             min_size=0,  # opens no connection until one is needed
             max_size=max_size,
-            max_inactive_connection_lifetime=_IDLE_CONNECTION_LIFETIME_SECONDS,
+            max_inactive_connection_lifetime=self._idle_connection_seconds,
             connect=self._open_connection,
             reset=_keep_session,
             command_timeout=self._command_timeout,
