@@ -157,7 +157,11 @@ class NotificationHandler:
         try:
             events = _events(payment, notification, details)
         except RuleViolation as error:
-            raise InvalidArgument([FieldViolation("body.payload.authAmount", str(error))]) from None
+            raise FailedPrecondition(
+                f"an amount the provider reports for transaction {details.transaction_id} {error}",
+                reason="PROVIDER_AMOUNT_INVALID",
+                metadata={"transaction_id": details.transaction_id},
+            ) from None
         if not events:
             return "unchanged"
         if payment.pending is not None:

@@ -390,9 +390,21 @@ class PaymentGatewayServicer(payment_gateway_service_pb2_grpc.PaymentGatewayServ
 
         settling = asyncio.create_task(call_and_record(), name=f"payment-{started.payment_id}")
         self._settling.add(settling)
-        settling.add_done_callback(self._settling.discard)
+        settling.add_done_callback(self._settled)
         # A caller that gives up must not leave a charge unrecorded.
         return await asyncio.shield(settling)
+
+    def _settled(self, settling: asyncio.Task[Payment]) -> None:
+        self._settling.discard(settling)
+        # Read here too, for a caller that gave up: its failure would go unseen otherwise.
+        failure = None if settling.cancelled() else settling.exception()
+        if failure is not None and not isinstance(failure, FailedPrecondition):
+            log.warning(
+                "recording the provider's answer failed (%s); the payment's call stays pending for the "
+                "reconciliation job",
+                type(failure).__name__,
+                extra={"task": settling.get_name()},
+            )
 
     async def _record_answer(
         self,

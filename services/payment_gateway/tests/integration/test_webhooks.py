@@ -14,10 +14,16 @@ import secrets
 import uuid
 from datetime import UTC, datetime
 
+import aio_pika
 import grpc
 from gateway_harness import Gateway, Notification, eventually, webhook_request
+from tally.common.v1.event_pb2 import EventEnvelope
+from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
 from tally_kit.amounts import Money
+from tally_kit.events import unpack_payload
+from tally_kit.events.topology import parking_queue_name
+from tally_payment_gateway.handlers import consumer_name
 from tally_payment_gateway.provider import ChargeRequest, OneTimeToken, RefundRequest
 
 from .conftest import HELD, HOOKS
@@ -26,6 +32,7 @@ AUTH_CAPTURE = "net.authorize.payment.authcapture.created"
 AUTHORIZATION = "net.authorize.payment.authorization.created"
 PRIOR_AUTH_CAPTURE = "net.authorize.payment.priorAuthCapture.created"
 REFUND = "net.authorize.payment.refund.created"
+VOID = "net.authorize.payment.void.created"
 
 
 def signed(gateway: Gateway, merchant_id: str, document: dict, *, upper: bool = True) -> Notification:
@@ -243,6 +250,48 @@ async def test_a_notification_about_a_charge_tally_did_not_make_is_acknowledged_
     assert await gateway.processed_notifications(HOOKS, charge.transaction_id, 1) == [
         (AUTH_CAPTURE, "not_a_tally_payment")
     ]
+
+
+async def test_a_notification_no_retry_can_apply_is_parked(gateway: Gateway) -> None:
+    payment = await gateway.purchase(HELD, amount_minor=700)
+    await gateway.simulator.settle()
+    refunded = await gateway.call(
+        "Refund",
+        api.RefundRequest(merchant_id=HELD, request_id=str(uuid.uuid4()), payment_id=payment.payment_id),
+    )
+    assert refunded.payment.state == res.PAYMENT_STATE_REFUNDED
+    # A genuinely signed void of the payment's transaction, which a refunded payment cannot
+    # take: ILLEGAL_TRANSITION, parked at once rather than retried.
+    document = notification_about(payment, VOID)
+    await deliver(gateway, HELD, signed(gateway, HELD, document))
+    parked = await _parked(gateway)
+    assert parked == [document["notificationId"]]
+    rows = await gateway.databases.fetch(
+        HELD,
+        "SELECT outcome FROM webhook_notifications WHERE notification_id = $1",
+        document["notificationId"],
+    )
+    assert rows[0]["outcome"] is None
+    assert await gateway.payment(HELD, payment.payment_id) == refunded.payment
+
+
+async def _parked(gateway: Gateway) -> list[str]:
+    """The notification ids of the webhooks waiting in the consumer's parking queue, taken off it."""
+    connection = await aio_pika.connect(gateway.settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(parking_queue_name(consumer_name(gateway.settings)), ensure=False)
+        taken: list[str] = []
+
+        async def arrived() -> bool:
+            while (message := await queue.get(no_ack=False, fail=False, timeout=5)) is not None:
+                payload = unpack_payload(EventEnvelope.FromString(message.body))
+                taken.append(json.loads(payload.body.data)["notificationId"])
+                await message.ack()
+            return bool(taken)
+
+        await eventually(arrived)
+        return taken
 
 
 async def _is_about(gateway: Gateway, merchant_id: str, notification_id: str, transaction_id: str) -> bool:

@@ -84,6 +84,7 @@ __all__ = [
     "EventCapture",
     "Refusal",
     "eventually",
+    "refusal_of",
 ]
 
 ERROR_DOMAIN = "payment_gateway.tally"
@@ -94,6 +95,10 @@ SLOW_SECONDS = 0.25
 HANG_SECONDS = 3.0
 PROVIDER_TIMEOUT_SECONDS = 1.0
 STARTUP_SECONDS = 15.0
+# How long a test waits for what happens in the background (webhooks, events). Generous: the
+# machine, PostgreSQL and RabbitMQ are shared with other test runs; nothing waits this long
+# when all goes well.
+WAIT_SECONDS = 20.0
 LISTENING = "psp_simulator listening on "
 
 
@@ -235,7 +240,7 @@ class WebhookReceiver:
             await self._serving
 
     async def take_held(
-        self, merchant_id: str, event_type: str, transaction_id: str, *, within: float = 5.0
+        self, merchant_id: str, event_type: str, transaction_id: str, *, within: float = WAIT_SECONDS
     ) -> Notification:
         """The held notification of `event_type` about the provider transaction, once it came;
         the others stay held (the simulator delivers in the background, in any order)."""
@@ -395,7 +400,7 @@ class Gateway:
         return (await self.call("GetPayment", request)).payment
 
     async def payment_in(
-        self, merchant_id: str, payment_id: str, state: int, *, within: float = 10.0
+        self, merchant_id: str, payment_id: str, state: int, *, within: float = WAIT_SECONDS
     ) -> res.Payment:
         """The payment once it reaches `state` (a webhook or the job moves it in the background)."""
         found: list[res.Payment] = []
@@ -438,13 +443,15 @@ class Gateway:
             and (routing_key is None or event.routing_key == routing_key)
         ]
 
-    async def event(self, payment_id: str, routing_key: str, *, within: float = 10.0) -> CapturedEvent:
+    async def event(
+        self, payment_id: str, routing_key: str, *, within: float = WAIT_SECONDS
+    ) -> CapturedEvent:
         """The one event of `routing_key` about the payment, once published."""
         [found] = await self.published(payment_id, routing_key, 1, within=within)
         return found
 
     async def published(
-        self, payment_id: str, routing_key: str, count: int, *, within: float = 10.0
+        self, payment_id: str, routing_key: str, count: int, *, within: float = WAIT_SECONDS
     ) -> list[CapturedEvent]:
         """The events of `routing_key` about the payment, once `count` are published; more fail."""
         found: list[CapturedEvent] = []
@@ -458,7 +465,7 @@ class Gateway:
         return found
 
     async def processed_notifications(
-        self, merchant_id: str, transaction_id: str, count: int, *, within: float = 10.0
+        self, merchant_id: str, transaction_id: str, count: int, *, within: float = WAIT_SECONDS
     ) -> list[tuple[str, str]]:
         """(event type, outcome) of the notifications about the provider transaction, once `count`
         of them are received and processed, in the order they were received."""
@@ -476,7 +483,10 @@ class Gateway:
             rows[:] = [(row["event_type"], row["outcome"]) for row in found]
             return len(rows) >= count and all(outcome is not None for _, outcome in rows)
 
-        await eventually(processed, within=within)
+        try:
+            await eventually(processed, within=within)
+        except AssertionError:
+            raise AssertionError(f"notifications about {transaction_id} after {within} s: {rows}") from None
         assert len(rows) == count, rows
         return rows
 
@@ -490,10 +500,11 @@ def gateway_settings(
         metrics_port=0,
         db_prefix=prefix,
         events_exchange=f"{prefix}payment-gateway.tests",
-        # The PostgreSQL server is shared with other test runs.
+        # The PostgreSQL server is shared with other test runs (and each test folder runs an
+        # app of its own for the whole session).
         db_max_pools=4,
-        db_pool_max_size=4,
-        db_max_connections=10,
+        db_pool_max_size=3,
+        db_max_connections=6,
         shutdown_grace_seconds=5.0,
         authorize_net_url=simulator_url,
         # Only the run's merchants: no default account.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from gateway_harness import Gateway, new_id
+from gateway_harness import Gateway, new_id, refusal_of
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
 
@@ -89,8 +89,7 @@ async def test_concurrent_purchases_of_one_order_take_one_payment(gateway: Gatew
     )
     paid = [outcome for outcome in outcomes if isinstance(outcome, res.Payment)]
     assert len(paid) == 1 and paid[0].state == res.PAYMENT_STATE_CAPTURED
-    assert all(
-        isinstance(outcome, grpc.aio.AioRpcError) and outcome.code() is grpc.StatusCode.FAILED_PRECONDITION
-        for outcome in outcomes
-        if outcome is not paid[0]
-    )
+    refusals = [refusal_of(outcome) for outcome in outcomes if isinstance(outcome, grpc.aio.AioRpcError)]
+    assert [(refusal.code, refusal.reason) for refusal in refusals] == [
+        (grpc.StatusCode.FAILED_PRECONDITION, "ORDER_ALREADY_PAID")
+    ] * 4, outcomes
