@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from decimal import Decimal
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -85,9 +86,9 @@ _LONG_DIGIT_RUN = re.compile(r"[0-9]{5,}")
 # --- protobuf -----------------------------------------------------------------------------
 
 
-def timestamp(value: object) -> Timestamp:
+def timestamp(value: datetime) -> Timestamp:
     message = Timestamp()
-    message.FromDatetime(value)  # type: ignore[arg-type]
+    message.FromDatetime(value)
     return message
 
 

@@ -23,6 +23,7 @@ from tally.payment_gateway.v1 import resources_pb2 as res
 from tally_kit.amounts import Money
 from tally_kit.events import unpack_payload
 from tally_kit.events.topology import parking_queue_name
+from tally_payment_gateway.domain import contains_card_number
 from tally_payment_gateway.handlers import consumer_name
 from tally_payment_gateway.provider import ChargeRequest, OneTimeToken, RefundRequest
 
@@ -111,6 +112,18 @@ async def test_a_valid_signature_is_accepted_in_upper_or_lower_case_hex(gateway:
         (AUTH_CAPTURE, "unchanged"),
         (AUTH_CAPTURE, "unchanged"),
     ]
+
+
+async def test_a_signature_whose_digits_read_as_a_card_number_is_still_a_signature(gateway: Gateway) -> None:
+    # About one signature in a hundred has a run of digits that is a Luhn-valid card number.
+    payment = await gateway.purchase(HELD)
+    while True:
+        document = notification_about(payment)
+        notification = signed(gateway, HELD, document)
+        if contains_card_number(notification.headers["x-anet-signature"]):
+            break
+    response = await deliver(gateway, HELD, notification)
+    assert (response.notification_id, response.duplicate) == (document["notificationId"], False)
 
 
 async def test_a_notification_delivered_twice_is_processed_once(gateway: Gateway) -> None:
