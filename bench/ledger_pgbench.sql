@@ -1,6 +1,8 @@
 -- One two-phase operation as the ledger sends it to PostgreSQL: OpenOperation's transaction,
 -- then RecordAndCloseOperation's, statement for statement and in the same order, with values
--- of the same types and sizes (captured from the running service with asyncpg's query logger).
+-- of the same types and sizes (captured from the running service with asyncpg's query logger;
+-- the last statement of each is the unit of work's: the request's key with its response, and
+-- the events published).
 -- Run by bench/ledger_bench.py (`--phases pgbench`) with `--protocol=prepared`, as asyncpg
 -- prepares every statement; keep it in step with tally_kit.uow/idempotency/outbox and
 -- tally_ledger.store when they change.
@@ -17,11 +19,6 @@
 
 -- OpenOperation
 BEGIN ISOLATION LEVEL READ COMMITTED;
-INSERT INTO idempotency_keys (request_id, operation, fingerprint)
-VALUES ('pgbench-' || :open_key::text, '/tally.ledger.v1.LedgerService/OpenOperation',
-        md5(:open_key::text) || md5(:user_number::text))
-ON CONFLICT (request_id) DO NOTHING
-RETURNING true;
 SELECT merchant_id, user_id, balance, debt, registered_at FROM accounts
  WHERE merchant_id = :merchant::text AND user_id = 'user-' || lpad(:user_number::text, 6, '0')
    FOR UPDATE;
@@ -31,22 +28,29 @@ VALUES (:merchant::text, gen_random_uuid(), 'user-' || lpad(:user_number::text, 
         'token', 0.5, NULL, 'open', now())
 ON CONFLICT (merchant_id, user_id) WHERE state = 'open' DO NOTHING
 RETURNING operation_id \gset
-UPDATE idempotency_keys SET response = decode(repeat('0a', 97), 'hex')
- WHERE request_id = 'pgbench-' || :open_key::text AND response IS NULL;
+WITH recorded AS (
+    INSERT INTO idempotency_keys (request_id, operation, fingerprint, response)
+    VALUES ('pgbench-' || :open_key::text, '/tally.ledger.v1.LedgerService/OpenOperation',
+            md5(:open_key::text) || md5(:user_number::text), decode(repeat('0a', 97), 'hex'))
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING true
+), published AS (
+    INSERT INTO outbox (event_id, event_type, merchant_id, envelope)
+    SELECT e.event_id, e.event_type, :merchant::text, e.envelope
+      FROM unnest(ARRAY[]::uuid[], ARRAY[]::text[], ARRAY[]::bytea[])
+           WITH ORDINALITY AS e(event_id, event_type, envelope, position)
+     ORDER BY e.position
+)
+SELECT EXISTS (SELECT FROM recorded);
 COMMIT;
 
 -- RecordAndCloseOperation
 BEGIN ISOLATION LEVEL READ COMMITTED;
-INSERT INTO idempotency_keys (request_id, operation, fingerprint)
-VALUES ('pgbench-' || :close_key::text, '/tally.ledger.v1.LedgerService/RecordAndCloseOperation',
-        md5(:close_key::text) || md5(:user_number::text))
-ON CONFLICT (request_id) DO NOTHING
-RETURNING true;
-SELECT merchant_id, user_id, balance, debt, registered_at FROM accounts
- WHERE merchant_id = :merchant::text
-   AND user_id = (SELECT user_id FROM operations WHERE merchant_id = :merchant::text AND operation_id = :operation_id::uuid)
-   FOR UPDATE;
-SELECT o.merchant_id AS o_merchant_id, o.operation_id AS o_operation_id, o.user_id AS o_user_id,
+SELECT a.merchant_id AS a_merchant_id, a.user_id AS a_user_id, a.balance AS a_balance, a.debt AS a_debt,
+       a.registered_at AS a_registered_at,
+       a.xmin = (SELECT s.xmin FROM accounts s WHERE s.merchant_id = a.merchant_id AND s.user_id = a.user_id)
+           AS as_read,
+       o.merchant_id AS o_merchant_id, o.operation_id AS o_operation_id, o.user_id AS o_user_id,
        o.operation_code AS o_operation_code, o.operation_version AS o_operation_version,
        o.resource_unit AS o_resource_unit, o.credits_per_unit AS o_credits_per_unit,
        o.workflow_id AS o_workflow_id, o.state AS o_state, o.opened_at AS o_opened_at,
@@ -55,9 +59,11 @@ SELECT o.merchant_id AS o_merchant_id, o.operation_id AS o_operation_id, o.user_
        l.expires_at, l.reference, l.product_id, l.order_id, l.paid_amount_minor, l.paid_currency,
        l.provider_reference, l.payment_id, l.reversal, l.reversed_at
   FROM operations o
+  JOIN accounts a ON a.merchant_id = o.merchant_id AND a.user_id = o.user_id
   LEFT JOIN lots l ON l.merchant_id = o.merchant_id AND l.user_id = o.user_id AND l.remaining > 0
  WHERE o.merchant_id = :merchant::text AND o.operation_id = :operation_id::uuid
- ORDER BY l.expires_at ASC NULLS LAST, l.issued_at, l.lot_id \gset
+ ORDER BY l.expires_at ASC NULLS LAST, l.issued_at, l.lot_id
+   FOR UPDATE OF a \gset
 INSERT INTO entries (merchant_id, user_id, entry_id, kind, amount, lot_id, occurred_at, reference,
                      operation_id, operation_code, operation_version, resource_amount, resource_unit,
                      credits_per_unit, workflow_id, revoked_lot_id, reason, actor)
@@ -82,8 +88,18 @@ SELECT NULL::uuid AS lot_id, balance AS first, debt AS second, (SELECT count(*) 
 UNION ALL
 SELECT lot_id, remaining, consumed, NULL
   FROM lots WHERE merchant_id = :merchant::text AND lot_id = ANY(ARRAY[:lot_id::uuid]);
-INSERT INTO outbox (event_id, event_type, merchant_id, envelope)
-VALUES (gen_random_uuid(), 'ledger.operation_closed', :merchant::text, decode(repeat('0a', 582), 'hex'));
-UPDATE idempotency_keys SET response = decode(repeat('0a', 393), 'hex')
- WHERE request_id = 'pgbench-' || :close_key::text AND response IS NULL;
+WITH recorded AS (
+    INSERT INTO idempotency_keys (request_id, operation, fingerprint, response)
+    VALUES ('pgbench-' || :close_key::text, '/tally.ledger.v1.LedgerService/RecordAndCloseOperation',
+            md5(:close_key::text) || md5(:user_number::text), decode(repeat('0a', 393), 'hex'))
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING true
+), published AS (
+    INSERT INTO outbox (event_id, event_type, merchant_id, envelope)
+    SELECT e.event_id, e.event_type, :merchant::text, e.envelope
+      FROM unnest(ARRAY[gen_random_uuid()], ARRAY['ledger.operation_closed'], ARRAY[decode(repeat('0a', 582), 'hex')])
+           WITH ORDINALITY AS e(event_id, event_type, envelope, position)
+     ORDER BY e.position
+)
+SELECT EXISTS (SELECT FROM recorded);
 COMMIT;

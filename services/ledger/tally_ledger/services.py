@@ -415,16 +415,25 @@ class Ledger:
     ) -> OperationClosing:
         """Debits the resource's credits at the pinned rate FIFO (beyond the lots, as debt) and
         closes the operation."""
-        account = await self._lock_operation_account(tx, merchant_id, operation_id)
-        found = await store.operation_with_live_lots(tx.conn, merchant_id, operation_id)
-        assert found is not None
-        operation, lots = found
+        locked = await store.lock_operation_with_live_lots(tx.conn, merchant_id, operation_id)
+        if locked is None:
+            raise operation_not_found(operation_id)
+        account = locked.account
         now = self._clock()
         closing = domain.record_and_close(
-            operation, account, lots, resource_amount, now=now, new_id=self._new_id
+            locked.operation, account, locked.lots, resource_amount, now=now, new_id=self._new_id
         )
         posting = closing.posting
-        await store.write_posting(tx.conn, posting, ending=closing.operation)
+        try:
+            await store.write_posting(tx.conn, posting, ending=closing.operation)
+        except store.OperationNotOpen:
+            # Ended meanwhile by a cancel or a timeout: refused as the domain refuses it.
+            ended = await store.get_operation(tx.conn, merchant_id, operation_id)
+            assert ended is not None
+            domain.record_and_close(
+                ended, account, locked.lots, resource_amount, now=now, new_id=self._new_id
+            )
+            raise
         await tx.publish(
             events.OPERATION_CLOSED,
             events_pb2.OperationClosed(

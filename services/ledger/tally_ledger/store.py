@@ -55,6 +55,16 @@ MIGRATIONS = MigrationSource("ledger", Path(__file__).resolve().parent / "migrat
 ReversalKind = Literal["refund", "chargeback"]
 
 
+class OperationNotOpen(RuntimeError):
+    """The operation a posting was to end was no longer open: ended, under the account lock, by
+    a transaction the caller's read of the operation predates. Raised inside the transaction,
+    so nothing of the posting is kept."""
+
+    def __init__(self, operation_id: UUID) -> None:
+        super().__init__(f"operation {operation_id} was no longer open")
+        self.operation_id = operation_id
+
+
 class BooksMismatch(RuntimeError):
     """What the database's triggers kept differs from what the domain computed: a bug, never
     a refusal. Raised inside the transaction, so nothing of the posting is kept."""
@@ -95,13 +105,13 @@ class LotReversal:
 _ACCOUNT_COLUMNS = "merchant_id, user_id, balance, debt, registered_at"
 
 
-def _account(row: asyncpg.Record) -> Account:
+def _account(row: asyncpg.Record, prefix: str = "") -> Account:
     return Account(
-        merchant_id=row["merchant_id"],
-        user_id=row["user_id"],
-        balance=row["balance"],
-        debt=row["debt"],
-        registered_at=row["registered_at"],
+        merchant_id=row[f"{prefix}merchant_id"],
+        user_id=row[f"{prefix}user_id"],
+        balance=row[f"{prefix}balance"],
+        debt=row[f"{prefix}debt"],
+        registered_at=row[f"{prefix}registered_at"],
     )
 
 
@@ -515,7 +525,7 @@ async def write_posting(
     that the balances the triggers kept are the posting's: two statements whatever its size.
 
     `ending` is the operation the posting closes, in its new state: its end is recorded in the
-    statement that checks the books (`end_operation`'s rules apply)."""
+    statement that checks the books (`OperationNotOpen` when it was no longer open)."""
     await write_postings(conn, [posting], ending=ending)
 
 
@@ -578,7 +588,7 @@ async def write_postings(
             ending.credits,
         )
         if next(row["ended"] for row in rows if row["lot_id"] is None) != 1:
-            raise _not_open_under_lock(ending)
+            raise OperationNotOpen(ending.operation_id)
     kept: dict[UUID | None, tuple[Decimal, Decimal]] = {
         row["lot_id"]: (row["first"], row["second"]) for row in rows
     }
@@ -714,6 +724,59 @@ async def get_operation(conn: asyncpg.Connection, merchant_id: str, operation_id
         operation_id,
     )
     return _operation(row) if row is not None else None
+
+
+# The account of the operation's user, locked (`lock_account_of_operation`), with the operation
+# and the user's live lots (`operation_with_live_lots`). `as_read` compares the locked version
+# of the account with the one in the statement's snapshot: when the lock waited for (or found)
+# a change of the account, it returns the account's newest version but the operation and lots
+# as the snapshot had them.
+_LOCK_OPERATION_WITH_LIVE_LOTS = f"""
+SELECT {", ".join(f"a.{column.strip()} AS a_{column.strip()}" for column in _ACCOUNT_COLUMNS.split(","))},
+       a.xmin = (SELECT s.xmin FROM accounts s WHERE s.merchant_id = a.merchant_id AND s.user_id = a.user_id)
+           AS as_read,
+       {_O_OPERATION_COLUMNS}, {_L_LOT_COLUMNS}
+  FROM operations o
+  JOIN accounts a ON a.merchant_id = o.merchant_id AND a.user_id = o.user_id
+  LEFT JOIN lots l ON l.merchant_id = o.merchant_id AND l.user_id = o.user_id AND l.remaining > 0
+ WHERE o.merchant_id = $1 AND o.operation_id = $2
+ ORDER BY l.expires_at ASC NULLS LAST, l.issued_at, l.lot_id
+   FOR UPDATE OF a
+"""
+
+
+@dataclass(frozen=True)
+class LockedOperation:
+    """An operation's account, locked, with the operation and the user's live lots."""
+
+    account: Account
+    operation: Operation
+    lots: list[Lot]
+
+
+async def lock_operation_with_live_lots(
+    conn: asyncpg.Connection, merchant_id: str, operation_id: UUID
+) -> LockedOperation | None:
+    """`lock_account_of_operation` then `operation_with_live_lots`, in one statement unless the
+    account changed since the statement's snapshot (the lock waited for another transaction of
+    the user's): the lots are then read again under the lock. None when the operation does not
+    exist.
+
+    Every change of a lot writes entries, which change the account, so lots read in one
+    statement are those under the lock. The operation can still be older than the lock when a
+    transaction that did not change the account (a cancel, a timeout) ended it meanwhile: its
+    end is then refused by `write_posting` (`OperationNotOpen`)."""
+    rows = await conn.fetch(_LOCK_OPERATION_WITH_LIVE_LOTS, merchant_id, operation_id)
+    if not rows:
+        return None
+    account = _account(rows[0], prefix="a_")
+    if not rows[0]["as_read"]:
+        found = await operation_with_live_lots(conn, merchant_id, operation_id)
+        assert found is not None
+        operation, lots = found
+        return LockedOperation(account, operation, lots)
+    lots = [_lot(row) for row in rows if row["lot_id"] is not None]
+    return LockedOperation(account, _operation(rows[0], prefix="o_"), lots)
 
 
 async def operation_with_live_lots(

@@ -5,6 +5,8 @@ has exactly one effect however many calls race for it."""
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -13,8 +15,10 @@ from tally.ledger.v1 import ledger_service_pb2 as api
 from tally.ledger.v1 import resources_pb2 as res
 from tally_kit.db.directory import MerchantDirectory, merchant_database_name
 from tally_kit.errors import FailedPrecondition, TallyError
+from tally_kit.uow import Transaction
 from tally_ledger import events
 from tally_ledger.catalog import Distribution, GrantPolicy
+from tally_ledger.services import Adjustment, Ledger
 from tally_ledger.settings import LedgerSettings
 
 pytestmark = pytest.mark.integration
@@ -71,6 +75,58 @@ async def test_two_concurrent_closings_of_one_operation_debit_once(client: Clien
     refused = [o for o in outcomes if isinstance(o, TallyError)]
     assert len(closed) == 1 and [r.reason for r in refused] == ["OPERATION_NOT_OPEN"]
     assert len(await client.history(user, kinds=[res.ENTRY_KIND_DEBIT])) == 1
+
+
+async def test_a_closing_that_waits_on_the_users_other_change_debits_the_lots_it_left(
+    client: Client, directory: MerchantDirectory, ledger: Ledger, merchant_id: str
+) -> None:
+    user = new_user()
+    await client.register(user)
+    await client.grant(user, "10")
+    operation = await client.open(user)
+
+    async with directory.transaction(merchant_id) as conn:
+        # Takes 3 credits of the lot under the account lock, then holds the lock a while.
+        adjustment = Adjustment(user, Decimal(-3), reason="correction", actor="admin", request_id=new_id())
+        await ledger.apply_adjustment(
+            Transaction(conn, merchant_id=merchant_id, producer="ledger"), merchant_id, adjustment
+        )
+        closing = asyncio.ensure_future(client.close(operation.operation_id, "1000"))
+        await asyncio.sleep(0.3)
+        assert not closing.done()
+
+    closed = await closing
+    assert closed.account.balance.value == "5"
+    assert [e.amount.value for e in closed.entries] == ["-2"]
+    (lot,) = await client.lots(user)
+    assert lot.remaining.value == "5"
+
+
+async def test_a_closing_of_an_operation_canceled_while_it_waited_is_refused(
+    client: Client, directory: MerchantDirectory, ledger: Ledger, merchant_id: str
+) -> None:
+    user = new_user()
+    await client.register(user)
+    await client.grant(user, "10")
+    operation = await client.open(user)
+
+    async with directory.transaction(merchant_id) as conn:
+        # A cancel changes the operation only, not the account: the closing's first read of the
+        # operation predates it.
+        await ledger.cancel_operation(
+            Transaction(conn, merchant_id=merchant_id, producer="ledger"),
+            merchant_id,
+            UUID(operation.operation_id),
+        )
+        closing = asyncio.ensure_future(client.close(operation.operation_id, "1000"))
+        await asyncio.sleep(0.3)
+        assert not closing.done()
+
+    with pytest.raises(FailedPrecondition) as refused:
+        await closing
+    assert refused.value.reason == "OPERATION_NOT_OPEN"
+    assert await client.history(user, kinds=[res.ENTRY_KIND_DEBIT]) == []
+    assert (await client.balance(user)).balance.value == "10"
 
 
 async def test_one_users_lock_never_holds_up_another_user(
