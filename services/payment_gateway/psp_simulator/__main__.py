@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.host, args.port))
+    # Listening before the line is printed: a client that connects as soon as it reads it waits
+    # in the backlog until uvicorn has started, rather than being refused.
+    listener.listen()
     host, port = listener.getsockname()[:2]
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=1, access_log=False)
