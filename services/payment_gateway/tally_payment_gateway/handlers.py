@@ -32,8 +32,7 @@ the provider's dashboard for something else) is recorded as such and acknowledge
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -269,29 +268,6 @@ def _not_before(
         )
 
 
-class NotifyingDatabases:
-    """The merchant directory as the consumer uses it, telling the relay after every handler
-    transaction that committed: the payment events a notification produced are published
-    right away rather than at the relay's next sweep."""
-
-    def __init__(self, directory: MerchantDirectory, relay: RelayNotifier) -> None:
-        self._directory = directory
-        self._relay = relay
-
-    async def merchant_ids(self) -> list[str]:
-        return await self._directory.merchant_ids()
-
-    def connection(self, merchant_id: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
-        return self._directory.connection(merchant_id)
-
-    @asynccontextmanager
-    async def transaction(self, merchant_id: str) -> AsyncIterator[asyncpg.Connection]:
-        async with self._directory.transaction(merchant_id) as conn:
-            yield conn
-        # Reached only after the commit; a failed handler's transaction rolled back and raised.
-        self._relay.notify(merchant_id)
-
-
 def consumer_name(settings: ServiceSettings) -> str:
     """The consumer's queue prefix: stacks (and test runs) sharing a broker keep their queues
     apart by their database prefix, as they keep their databases apart."""
@@ -312,10 +288,12 @@ def build_consumer(
     """The notification consumer; `start()` it after the directory and relay, `stop()` it before."""
     return EventConsumer(
         settings,
-        NotifyingDatabases(directory, relay),
+        directory,
         service=consumer_name(settings),
         handlers=NotificationHandler(provider, clock=clock).handlers(),
         prepare_merchant=prepare_merchant,
+        # The payment events a notification produced are published right after the commit.
+        after_commit=relay.notify,
         retry_backoff_seconds=retry_backoff_seconds,
         retry_backoff_max_seconds=retry_backoff_max_seconds,
     )
