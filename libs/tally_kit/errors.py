@@ -7,8 +7,10 @@ Services raise these; the server's error interceptor turns them into a status wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+from uuid import UUID
 
 import grpc
 
@@ -84,6 +86,9 @@ class RuleViolation(ValueError):
     """A value breaks a domain rule; the message describes the rule, for a field violation."""
 
 
+T = TypeVar("T")
+
+
 class Violations:
     """Collects every bad field of a request, then raises one InvalidArgument naming them all."""
 
@@ -97,6 +102,28 @@ class Violations:
         if not condition:
             self.add(field, description)
         return condition
+
+    def rule(self, field: str, check: Callable[[], T]) -> T | None:
+        """The checked value, or None after recording the rule it breaks against `field`."""
+        try:
+            return check()
+        except RuleViolation as error:
+            self.add(field, str(error))
+            return None
+
+    def uuid(self, field: str, value: str) -> UUID | None:
+        """A required id in the canonical form the services hand out (one spelling per resource)."""
+        if not value:
+            self.add(field, "is required")
+            return None
+        try:
+            parsed: UUID | None = UUID(value)
+        except ValueError:
+            parsed = None
+        if parsed is None or str(parsed) != value.lower():
+            self.add(field, "must be a UUID such as 0b6f3c1e-8f0a-4c5e-9a51-2f4f1c9e7d10")
+            return None
+        return parsed
 
     def __bool__(self) -> bool:
         return bool(self._items)

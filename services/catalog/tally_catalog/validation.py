@@ -172,15 +172,6 @@ class ListSubscriptionPlans:
 # that are absent are also None where the helper says so).
 
 
-def _rule(violations: Violations, field: str, check: Callable[[], T]) -> T | None:
-    """The checked value, or None after recording the rule it breaks against `field`."""
-    try:
-        return check()
-    except RuleViolation as error:
-        violations.add(field, str(error))
-        return None
-
-
 def _passes(violations: Violations, field: str, check: Callable[[], None]) -> bool:
     """Whether the check passes; records the rule it breaks against `field` when it does not."""
     try:
@@ -195,21 +186,6 @@ def _merchant_id(violations: Violations, value: str) -> None:
     violations.require(
         is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
     )
-
-
-def _uuid(violations: Violations, field: str, value: str) -> UUID | None:
-    if not value:
-        violations.add(field, "is required")
-        return None
-    try:
-        parsed: UUID | None = UUID(value)
-    except ValueError:
-        parsed = None
-    # Only the canonical form the service hands out, so that one resource has one spelling.
-    if parsed is None or str(parsed) != value.lower():
-        violations.add(field, "must be a UUID such as 0b6f3c1e-8f0a-4c5e-9a51-2f4f1c9e7d10")
-        return None
-    return parsed
 
 
 def _optional_time(violations: Violations, field: str, present: bool, value: Timestamp) -> datetime | None:
@@ -233,10 +209,10 @@ def _money(violations: Violations, field: str, present: bool, value: money_pb2.M
     if not present:
         violations.add(field, "is required")
         return None
-    amount = _rule(
-        violations, f"{field}.amount_minor", lambda: domain.check_positive_amount(value.amount_minor)
+    amount = violations.rule(
+        f"{field}.amount_minor", lambda: domain.check_positive_amount(value.amount_minor)
     )
-    currency = _rule(violations, f"{field}.currency", lambda: amounts.check_currency(value.currency))
+    currency = violations.rule(f"{field}.currency", lambda: amounts.check_currency(value.currency))
     if amount is None or currency is None:
         return None
     return Money(amount_minor=amount, currency=currency)
@@ -246,14 +222,14 @@ def _credits(violations: Violations, field: str, present: bool, value: money_pb2
     if not present:
         violations.add(field, "is required")
         return None
-    return _rule(violations, f"{field}.value", lambda: amounts.parse_credits(value.value))
+    return violations.rule(f"{field}.value", lambda: amounts.parse_credits(value.value))
 
 
 def _optional_currency(violations: Violations, value: str) -> str | None:
     """None when empty (the caller's default applies) or invalid (recorded)."""
     if not value:
         return None
-    return _rule(violations, "currency", lambda: amounts.check_currency(value))
+    return violations.rule("currency", lambda: amounts.check_currency(value))
 
 
 def _enum(violations: Violations, field: str, number: int, known: Mapping[int, E]) -> E | None:
@@ -265,8 +241,7 @@ def _enum(violations: Violations, field: str, number: int, known: Mapping[int, E
 
 
 def _operation_code(violations: Violations, value: str) -> str | None:
-    return _rule(
-        violations,
+    return violations.rule(
         "operation_code",
         lambda: domain.check_pattern(value, domain.OPERATION_CODE_PATTERN, "llm.tokens"),
     )
@@ -289,36 +264,31 @@ def _address(
         parts.append(None)
     for index, line in enumerate(lines):
         parts.append(
-            _rule(
-                violations,
+            violations.rule(
                 f"{field}.address_lines[{index}]",
                 lambda line=line: check_text(line, domain.MAX_ADDRESS_LINE_LENGTH),
             )
         )
     parts.append(
-        _rule(
-            violations,
+        violations.rule(
             f"{field}.locality",
             lambda: check_text(address.locality, domain.MAX_LOCALITY_LENGTH),
         )
     )
     parts.append(
-        _rule(
-            violations,
+        violations.rule(
             f"{field}.administrative_area",
             lambda: domain.check_optional_text(address.administrative_area, domain.MAX_POSTAL_FIELD_LENGTH),
         )
     )
     parts.append(
-        _rule(
-            violations,
+        violations.rule(
             f"{field}.postal_code",
             lambda: domain.check_optional_text(address.postal_code, domain.MAX_POSTAL_FIELD_LENGTH),
         )
     )
     parts.append(
-        _rule(
-            violations,
+        violations.rule(
             f"{field}.region_code",
             lambda: domain.check_pattern(address.region_code, domain.REGION_CODE_PATTERN, "FR"),
         )
@@ -339,8 +309,8 @@ def _tax_regime(violations: Violations, field: str, config: resources_pb2.Mercha
         violations.add(field, "is required")
         return None
     regime = config.tax_regime
-    rate = _rule(
-        violations, f"{field}.rate_percent", lambda: domain.parse_tax_rate_percent(regime.rate_percent)
+    rate = violations.rule(
+        f"{field}.rate_percent", lambda: domain.parse_tax_rate_percent(regime.rate_percent)
     )
     if rate is None:
         return None
@@ -356,16 +326,15 @@ def _operation_timeout(
     timeout = _whole_seconds(violations, field, config.operation_timeout)
     if timeout is None:
         return None
-    return _rule(violations, field, lambda: domain.check_operation_timeout(timeout))
+    return violations.rule(field, lambda: domain.check_operation_timeout(timeout))
 
 
 # Validator of each MerchantConfig field: (violations, field path, config) -> value or None.
 _CONFIG_FIELDS: dict[str, Callable[[Violations, str, resources_pb2.MerchantConfig], object | None]] = {
-    "legal_name": lambda v, f, c: _rule(v, f, lambda: check_text(c.legal_name, domain.MAX_NAME_LENGTH)),
-    "tax_id": lambda v, f, c: _rule(v, f, lambda: check_text(c.tax_id, domain.MAX_TAX_ID_LENGTH)),
+    "legal_name": lambda v, f, c: v.rule(f, lambda: check_text(c.legal_name, domain.MAX_NAME_LENGTH)),
+    "tax_id": lambda v, f, c: v.rule(f, lambda: check_text(c.tax_id, domain.MAX_TAX_ID_LENGTH)),
     "address": _address,
-    "receipt_series_prefix": lambda v, f, c: _rule(
-        v,
+    "receipt_series_prefix": lambda v, f, c: v.rule(
         f,
         lambda: domain.check_pattern(
             c.receipt_series_prefix, domain.RECEIPT_SERIES_PREFIX_PATTERN, "ACME-2025"
@@ -373,10 +342,10 @@ _CONFIG_FIELDS: dict[str, Callable[[Violations, str, resources_pb2.MerchantConfi
     ),
     "tax_regime": _tax_regime,
     "operation_timeout": _operation_timeout,
-    "retention_days": lambda v, f, c: _rule(
-        v, f, lambda: domain.check_days(c.retention_days, minimum=1, maximum=domain.MAX_DAYS)
+    "retention_days": lambda v, f, c: v.rule(
+        f, lambda: domain.check_days(c.retention_days, minimum=1, maximum=domain.MAX_DAYS)
     ),
-    "default_currency": lambda v, f, c: _rule(v, f, lambda: amounts.check_currency(c.default_currency)),
+    "default_currency": lambda v, f, c: v.rule(f, lambda: amounts.check_currency(c.default_currency)),
 }
 
 
@@ -449,12 +418,11 @@ def create_product(request: api.CreateProductRequest) -> CreateProduct:
         violations.add("product", "is required")
         violations.raise_if_any()
     product = request.product
-    name = _rule(violations, "product.name", lambda: check_text(product.name, domain.MAX_NAME_LENGTH))
+    name = violations.rule("product.name", lambda: check_text(product.name, domain.MAX_NAME_LENGTH))
     credits = _credits(violations, "product.credits", product.HasField("credits"), product.credits)
     access_period_days = None
     if product.HasField("access_period_days"):
-        access_period_days = _rule(
-            violations,
+        access_period_days = violations.rule(
             "product.access_period_days",
             lambda: domain.check_days(product.access_period_days, minimum=1, maximum=domain.MAX_DAYS),
         )
@@ -484,7 +452,7 @@ def create_product(request: api.CreateProductRequest) -> CreateProduct:
 
 def _product_ref(violations: Violations, merchant_id: str, product_id: str) -> ProductRef:
     _merchant_id(violations, merchant_id)
-    parsed = _uuid(violations, "product_id", product_id)
+    parsed = violations.uuid("product_id", product_id)
     violations.raise_if_any()
     assert parsed is not None
     return ProductRef(merchant_id=merchant_id, product_id=parsed)
@@ -539,7 +507,7 @@ def list_products(request: api.ListProductsRequest) -> ListProducts:
 def schedule_product_price(request: api.ScheduleProductPriceRequest) -> ScheduleProductPrice:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
-    product_id = _uuid(violations, "product_id", request.product_id)
+    product_id = violations.uuid("product_id", request.product_id)
     validate_request_id(violations, request.request_id)
     amount = _money(violations, "price", request.HasField("price"), request.price)
     effective_at = _optional_time(
@@ -555,7 +523,7 @@ def schedule_product_price(request: api.ScheduleProductPriceRequest) -> Schedule
 def list_product_prices(request: api.ListProductPricesRequest) -> ListProductPrices:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
-    product_id = _uuid(violations, "product_id", request.product_id)
+    product_id = violations.uuid("product_id", request.product_id)
     currency = _optional_currency(violations, request.currency)
     scope = {
         "list": "product_prices",
@@ -580,7 +548,7 @@ def list_product_prices(request: api.ListProductPricesRequest) -> ListProductPri
 def get_offer(request: api.GetOfferRequest) -> GetOffer:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
-    product_id = _uuid(violations, "product_id", request.product_id)
+    product_id = violations.uuid("product_id", request.product_id)
     currency = _optional_currency(violations, request.currency)
     violations.raise_if_any()
     assert product_id is not None
@@ -613,8 +581,7 @@ def schedule_operation_type_version(
     _merchant_id(violations, request.merchant_id)
     operation_code = _operation_code(violations, request.operation_code)
     validate_request_id(violations, request.request_id)
-    resource_unit = _rule(
-        violations,
+    resource_unit = violations.rule(
         "resource_unit",
         lambda: domain.check_pattern(request.resource_unit, domain.RESOURCE_UNIT_PATTERN, "token"),
     )
@@ -714,8 +681,7 @@ def _dunning(
     ]
     if any(delay is None for delay in delays):
         return None
-    retry_delays = _rule(
-        violations,
+    retry_delays = violations.rule(
         f"{field}.retry_delays",
         lambda: domain.dunning_retry_delays([delay for delay in delays if delay is not None]),
     )
@@ -733,16 +699,15 @@ def create_subscription_plan(request: api.CreateSubscriptionPlanRequest) -> Crea
         violations.raise_if_any()
     plan = request.subscription_plan
     prefix = "subscription_plan"
-    name = _rule(violations, f"{prefix}.name", lambda: check_text(plan.name, domain.MAX_NAME_LENGTH))
+    name = violations.rule(f"{prefix}.name", lambda: check_text(plan.name, domain.MAX_NAME_LENGTH))
     price = _money(violations, f"{prefix}.price", plan.HasField("price"), plan.price)
     interval = _billing_interval(violations, f"{prefix}.billing_interval", plan)
-    trial_days = _rule(
-        violations,
+    trial_days = violations.rule(
         f"{prefix}.trial_days",
         lambda: domain.check_days(plan.trial_days, minimum=0, maximum=domain.MAX_TRIAL_DAYS),
     )
-    grant_product_id = _uuid(
-        violations, f"{prefix}.recurring_grant_product_id", plan.recurring_grant_product_id
+    grant_product_id = violations.uuid(
+        f"{prefix}.recurring_grant_product_id", plan.recurring_grant_product_id
     )
     dunning = _dunning(violations, f"{prefix}.dunning", plan)
     violations.raise_if_any()
@@ -764,7 +729,7 @@ def create_subscription_plan(request: api.CreateSubscriptionPlanRequest) -> Crea
 def get_subscription_plan(request: api.GetSubscriptionPlanRequest) -> PlanRef:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
-    plan_id = _uuid(violations, "plan_id", request.plan_id)
+    plan_id = violations.uuid("plan_id", request.plan_id)
     violations.raise_if_any()
     assert plan_id is not None
     return PlanRef(merchant_id=request.merchant_id, plan_id=plan_id)

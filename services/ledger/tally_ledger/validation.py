@@ -9,7 +9,7 @@ are the domain's, the service layer's and the servicer's.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -132,15 +132,6 @@ class GetLedgerHistory:
 # are absent are also None where the helper says so).
 
 
-def _rule(violations: Violations, field: str, check: Callable[[], T]) -> T | None:
-    """The checked value, or None after recording the rule it breaks against `field`."""
-    try:
-        return check()
-    except RuleViolation as error:
-        violations.add(field, str(error))
-        return None
-
-
 def _merchant_id(violations: Violations, value: str) -> None:
     violations.require(
         is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
@@ -148,26 +139,11 @@ def _merchant_id(violations: Violations, value: str) -> None:
 
 
 def _user_id(violations: Violations, value: str) -> str | None:
-    return _rule(violations, "user_id", lambda: domain.check_user_id(value))
-
-
-def _uuid(violations: Violations, field: str, value: str) -> UUID | None:
-    if not value:
-        violations.add(field, "is required")
-        return None
-    try:
-        parsed: UUID | None = UUID(value)
-    except ValueError:
-        parsed = None
-    # Only the canonical form the services hand out, so that one resource has one spelling.
-    if parsed is None or str(parsed) != value.lower():
-        violations.add(field, "must be a UUID such as 0b6f3c1e-8f0a-4c5e-9a51-2f4f1c9e7d10")
-        return None
-    return parsed
+    return violations.rule("user_id", lambda: domain.check_user_id(value))
 
 
 def _text(violations: Violations, field: str, value: str, max_length: int) -> str | None:
-    return _rule(violations, field, lambda: check_text(value, max_length))
+    return violations.rule(field, lambda: check_text(value, max_length))
 
 
 def _optional_text(violations: Violations, field: str, value: str, max_length: int) -> str | None:
@@ -196,7 +172,7 @@ def _money(
         f"{field}.amount_minor",
         "must be 0 or more" if allow_zero else "must be greater than 0",
     )
-    currency = _rule(violations, f"{field}.currency", lambda: amounts.check_currency(value.currency))
+    currency = violations.rule(f"{field}.currency", lambda: amounts.check_currency(value.currency))
     if not amount_ok or currency is None:
         return None
     return Money(amount_minor=value.amount_minor, currency=currency)
@@ -217,15 +193,14 @@ def _enum_list(
 
 
 def _operation_code(violations: Violations, value: str) -> str | None:
-    return _rule(
-        violations,
+    return violations.rule(
         "operation_code",
         lambda: domain.check_pattern(value, OPERATION_CODE_PATTERN, "an operation code such as llm.tokens"),
     )
 
 
 def _optional_workflow_id(violations: Violations, value: str) -> str | None:
-    return _rule(violations, "workflow_id", lambda: domain.check_external_id(value)) if value else None
+    return violations.rule("workflow_id", lambda: domain.check_external_id(value)) if value else None
 
 
 # --- accounts and lots ------------------------------------------------------------------------
@@ -245,9 +220,9 @@ def settle_purchase(request: api.SettlePurchaseRequest) -> SettlePurchase:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    order_id = _rule(violations, "order_id", lambda: domain.check_external_id(request.order_id))
+    order_id = violations.rule("order_id", lambda: domain.check_external_id(request.order_id))
     user_id = _user_id(violations, request.user_id)
-    product_id = _uuid(violations, "product_id", request.product_id)
+    product_id = violations.uuid("product_id", request.product_id)
     amount_paid = _money(
         violations, "amount_paid", request.HasField("amount_paid"), request.amount_paid, allow_zero=True
     )
@@ -285,7 +260,7 @@ def grant_credits(request: api.GrantCreditsRequest) -> GrantCredits:
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
-    grant_key = _rule(violations, "grant_key", lambda: domain.check_grant_key(request.grant_key))
+    grant_key = violations.rule("grant_key", lambda: domain.check_grant_key(request.grant_key))
     kind = request.WhichOneof("grant")
     product_id: UUID | None = None
     custom: CustomCredits | None = None
@@ -294,15 +269,14 @@ def grant_credits(request: api.GrantCreditsRequest) -> GrantCredits:
         violations.add("grant", "one of product_id or custom is required")
         grant_ok = False
     elif kind == "product_id":
-        product_id = _uuid(violations, "product_id", request.product_id)
+        product_id = violations.uuid("product_id", request.product_id)
         grant_ok = product_id is not None
     else:
         credits = None
         if not request.custom.HasField("credits"):
             violations.add("custom.credits", "is required")
         else:
-            credits = _rule(
-                violations,
+            credits = violations.rule(
                 "custom.credits.value",
                 lambda: amounts.parse_credits(request.custom.credits.value),
             )
@@ -347,13 +321,13 @@ def record_and_close_operation(request: api.RecordAndCloseOperationRequest) -> R
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    operation_id = _uuid(violations, "operation_id", request.operation_id)
+    operation_id = violations.uuid("operation_id", request.operation_id)
     resource_amount = None
     if not request.resource_amount:
         violations.add("resource_amount", "is required")
     else:
-        resource_amount = _rule(
-            violations, "resource_amount", lambda: domain.parse_resource_amount(request.resource_amount)
+        resource_amount = violations.rule(
+            "resource_amount", lambda: domain.parse_resource_amount(request.resource_amount)
         )
     violations.raise_if_any()
     assert operation_id is not None and resource_amount is not None
@@ -366,7 +340,7 @@ def cancel_operation(request: api.CancelOperationRequest) -> OperationRef:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    operation_id = _uuid(violations, "operation_id", request.operation_id)
+    operation_id = violations.uuid("operation_id", request.operation_id)
     violations.raise_if_any()
     assert operation_id is not None
     return OperationRef(merchant_id=request.merchant_id, operation_id=operation_id)
@@ -375,7 +349,7 @@ def cancel_operation(request: api.CancelOperationRequest) -> OperationRef:
 def get_operation(request: api.GetOperationRequest) -> OperationRef:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
-    operation_id = _uuid(violations, "operation_id", request.operation_id)
+    operation_id = violations.uuid("operation_id", request.operation_id)
     violations.raise_if_any()
     assert operation_id is not None
     return OperationRef(merchant_id=request.merchant_id, operation_id=operation_id)
@@ -388,7 +362,7 @@ def apply_refund(request: api.ApplyRefundRequest) -> ApplyRefund:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    order_id = _rule(violations, "order_id", lambda: domain.check_external_id(request.order_id))
+    order_id = violations.rule("order_id", lambda: domain.check_external_id(request.order_id))
     reference = _text(violations, "refund_reference", request.refund_reference, domain.MAX_REFERENCE_LENGTH)
     amount = _money(
         violations,
@@ -408,7 +382,7 @@ def apply_chargeback(request: api.ApplyChargebackRequest) -> ApplyChargeback:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    order_id = _rule(violations, "order_id", lambda: domain.check_external_id(request.order_id))
+    order_id = violations.rule("order_id", lambda: domain.check_external_id(request.order_id))
     reference = _text(
         violations, "chargeback_reference", request.chargeback_reference, domain.MAX_REFERENCE_LENGTH
     )
@@ -435,7 +409,7 @@ def apply_adjustment(request: api.ApplyAdjustmentRequest) -> ApplyAdjustment:
     if not request.HasField("amount"):
         violations.add("amount", "is required")
     else:
-        amount = _rule(violations, "amount.value", lambda: _nonzero_credits(request.amount.value))
+        amount = violations.rule("amount.value", lambda: _nonzero_credits(request.amount.value))
     reason = _text(violations, "reason", request.reason, domain.MAX_REASON_LENGTH)
     actor = _text(violations, "actor", request.actor, domain.MAX_ACTOR_LENGTH)
     violations.raise_if_any()

@@ -30,7 +30,7 @@ from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally_kit import amounts
 from tally_kit.amounts import Money
 from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
-from tally_kit.errors import FieldViolation, InvalidArgument, RuleViolation, Violations
+from tally_kit.errors import FieldViolation, InvalidArgument, Violations
 from tally_kit.idempotency import validate_request_id
 from tally_kit.pagination import PageRequest, read_page_request
 from tally_kit.text import check_text
@@ -210,15 +210,6 @@ def _carries_unknown_fields(message: Message) -> bool:
 # --- field helpers ------------------------------------------------------------------------
 
 
-def _rule(violations: Violations, field: str, check: Callable[[], T]) -> T | None:
-    """The checked value, or None after recording the rule it breaks against `field`."""
-    try:
-        return check()
-    except RuleViolation as error:
-        violations.add(field, str(error))
-        return None
-
-
 def _merchant_id(violations: Violations, value: str) -> None:
     violations.require(
         is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
@@ -248,23 +239,8 @@ def _order_id(violations: Violations, value: str) -> str:
     )
 
 
-def _uuid(violations: Violations, field: str, value: str) -> UUID | None:
-    if not value:
-        violations.add(field, "is required")
-        return None
-    try:
-        parsed: UUID | None = UUID(value)
-    except ValueError:
-        parsed = None
-    # Only the canonical form the services hand out, so that one resource has one spelling.
-    if parsed is None or str(parsed) != value.lower():
-        violations.add(field, "must be a UUID such as 0b6f3c1e-8f0a-4c5e-9a51-2f4f1c9e7d10")
-        return None
-    return parsed
-
-
 def _text(violations: Violations, field: str, value: str, max_length: int) -> str | None:
-    return _rule(violations, field, lambda: check_text(value, max_length))
+    return violations.rule(field, lambda: check_text(value, max_length))
 
 
 def _optional_text(violations: Violations, field: str, value: str, max_length: int) -> str:
@@ -276,7 +252,7 @@ def _optional_text(violations: Violations, field: str, value: str, max_length: i
 
 def _money(violations: Violations, field: str, value: money_pb2.Money) -> Money | None:
     amount_ok = violations.require(value.amount_minor > 0, f"{field}.amount_minor", "must be greater than 0")
-    currency = _rule(violations, f"{field}.currency", lambda: amounts.check_currency(value.currency))
+    currency = violations.rule(f"{field}.currency", lambda: amounts.check_currency(value.currency))
     if not amount_ok or currency is None:
         return None
     return Money(value.amount_minor, currency)
@@ -298,7 +274,7 @@ def charge(request: api.PurchaseRequest | api.AuthorizeRequest) -> Charge:
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     order_id = _order_id(violations, request.order_id)
-    product_id = _uuid(violations, "product_id", request.product_id)
+    product_id = violations.uuid("product_id", request.product_id)
     amount = None
     if violations.require(request.HasField("amount"), "amount", "is required"):
         amount = _money(violations, "amount", request.amount)
@@ -326,7 +302,7 @@ def _payment_source(
     source = request.payment_source
     match source.WhichOneof("source"):
         case "payment_method_id":
-            method_id = _uuid(violations, "payment_source.payment_method_id", source.payment_method_id)
+            method_id = violations.uuid("payment_source.payment_method_id", source.payment_method_id)
             return None if method_id is None else SavedMethod(method_id)
         case "one_time_token":
             token = source.one_time_token
@@ -351,7 +327,7 @@ def capture(request: api.CaptureRequest) -> Capture:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    payment_id = _uuid(violations, "payment_id", request.payment_id)
+    payment_id = violations.uuid("payment_id", request.payment_id)
     amount = _optional_money(violations, "amount", request.HasField("amount"), request.amount)
     violations.raise_if_any()
     assert payment_id is not None
@@ -363,7 +339,7 @@ def void(request: api.VoidRequest) -> Void:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    payment_id = _uuid(violations, "payment_id", request.payment_id)
+    payment_id = violations.uuid("payment_id", request.payment_id)
     violations.raise_if_any()
     assert payment_id is not None
     return Void(request.merchant_id, request.request_id, payment_id)
@@ -374,7 +350,7 @@ def refund(request: api.RefundRequest) -> Refund:
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
     validate_request_id(violations, request.request_id)
-    payment_id = _uuid(violations, "payment_id", request.payment_id)
+    payment_id = violations.uuid("payment_id", request.payment_id)
     amount = _optional_money(violations, "amount", request.HasField("amount"), request.amount)
     reason = _optional_text(violations, "reason", request.reason, domain.MAX_REFUND_REASON_LENGTH)
     violations.raise_if_any()
@@ -386,7 +362,7 @@ def get_payment(request: api.GetPaymentRequest) -> PaymentRef:
     refuse_card_data(request)
     violations = Violations()
     _merchant_id(violations, request.merchant_id)
-    payment_id = _uuid(violations, "payment_id", request.payment_id)
+    payment_id = violations.uuid("payment_id", request.payment_id)
     violations.raise_if_any()
     assert payment_id is not None
     return PaymentRef(request.merchant_id, payment_id)
@@ -434,7 +410,7 @@ def save_payment_method(
     user_id = _user_id(violations, request.user_id)
     token = _text(violations, "provider_token", request.provider_token, MAX_SAVED_TOKEN_LENGTH)
     if token is not None:
-        _rule(violations, "provider_token", lambda: check_saved_token(token))
+        violations.rule("provider_token", lambda: check_saved_token(token))
     label = _optional_text(violations, "label", request.label, MAX_LABEL_LENGTH)
     violations.raise_if_any()
     assert token is not None
