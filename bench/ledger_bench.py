@@ -34,7 +34,13 @@ one never-expiring lot, then runs the phases asked for:
     .venv/bin/python bench/ledger_bench.py --callers 64 --seconds 20 --rate 500
     .venv/bin/python bench/ledger_bench.py --phases ops --seconds 30
     .venv/bin/python bench/ledger_bench.py --phases balance,h2load
-    .venv/bin/python bench/ledger_bench.py --phases soak --soak 300
+    .venv/bin/python bench/ledger_bench.py --phases soak --soak 300 --rate 150
+    .venv/bin/python bench/ledger_bench.py --phases rate,balance --rate 100 --balance-rate 100
+
+A rate the service cannot sustain shows as NO_FREE_USER and DEADLINE_EXCEEDED errors and
+latencies that grow with the backlog: pick one below the `ops` phase's throughput to read the
+latency of a loaded, not overloaded, service. In a long soak the pool replaces connections, so
+PostgreSQL's CPU is counted only for backends that lived through the whole phase.
 
 Targets on a 2-core machine, load generator included: >= 1,000 operations/s; p99 < 50 ms at
 half that rate; GetBalance p99 < 5 ms whatever the history length; no memory growth over a
