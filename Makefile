@@ -10,7 +10,7 @@ UV_VERSION := 0.13.8
 BUF_VERSION := 1.75.0
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: env gen run demo test lint fmt bench bench-ledger bench-gateway dev-token validate-deploy image
+.PHONY: env gen run demo test lint fmt bench bench-ledger bench-gateway bench-purchases dev-token validate-deploy image
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -62,6 +62,9 @@ bench: gen  ## catalog benchmark: GetProduct/ListProducts throughput and merchan
 
 bench-ledger: gen  ## ledger operations end to end, at a fixed rate, GetBalance by history length, pgbench ratio, soak
 	$(PY) bench/ledger_bench.py $(BENCH_ARGS)
+
+bench-purchases: gen  ## purchases through the payment gateway and the simulator until lot and receipt exist
+	$(PY) bench/purchase_bench.py $(BENCH_ARGS)
 
 bench-gateway: gen  ## GET balance through the HTTP gateway and direct over gRPC
 	$(PY) bench/gateway_bench.py $(BENCH_ARGS)
