@@ -26,8 +26,9 @@ committed is no longer due. Handlers publish events through the `Transaction` th
 (the outbox, in the batch's transaction); the relay is notified after the commit.
 
 A merchant whose database cannot be reached is logged and skipped; the walk goes on with
-the next. One log line per run says how many merchants were walked, items handled and failed,
-and how long it took.
+the next. One log line per committed batch that claimed anything says how many items it
+claimed, handled and failed; one per run says how many merchants were walked, items handled
+and failed, and how long it took.
 
 Metrics: `tally_job_runs_total{job,outcome}` (`ok`; `partial` when an item or a merchant
 failed; `failed` when the merchants could not even be listed), `tally_job_items_total{job}`,
@@ -210,7 +211,7 @@ class PeriodicJob(Generic[K]):
             async with self._databases.transaction(merchant_id) as conn:
                 keys = await self._work.claim(conn, merchant_id, now=now, after=after, limit=self._batch_size)
                 tx = Transaction(conn, merchant_id=merchant_id, producer=self._producer)
-                batch_handled = 0
+                batch_handled = batch_failed = 0
                 for key in keys:
                     try:
                         async with conn.transaction():
@@ -221,11 +222,28 @@ class PeriodicJob(Generic[K]):
                     except Exception:
                         log.exception("job %s: merchant %s item %s failed", self.name, merchant_id, key)
                         job_item_failures.labels(self.name).inc()
-                        failed += 1
+                        batch_failed += 1
                     else:
                         batch_handled += 1
             handled += batch_handled
+            failed += batch_failed
             job_items.labels(self.name).inc(batch_handled)
+            if keys:
+                log.info(
+                    "job %s: merchant %s: batch of %d committed, %d handled, %d failed",
+                    self.name,
+                    merchant_id,
+                    len(keys),
+                    batch_handled,
+                    batch_failed,
+                    extra={
+                        "job": self.name,
+                        "merchant_id": merchant_id,
+                        "claimed": len(keys),
+                        "items": batch_handled,
+                        "item_failures": batch_failed,
+                    },
+                )
             if tx.published and self._relay is not None:
                 self._relay.notify(merchant_id)
             if len(keys) < self._batch_size:

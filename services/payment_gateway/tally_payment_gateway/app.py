@@ -1,9 +1,10 @@
-"""Start-up: wire the payment gateway's servicer, its notification consumer and its
-reconciliation job to the kit (directory, outbox relay, server) and to the provider."""
+"""Start-up: wire the payment gateway's servicer, its notification consumer, its reconciliation
+job and its token reseal job to the kit (directory, outbox relay, server) and to the provider."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from uuid import UUID
 
 from tally.payment_gateway.v1 import payment_gateway_service_pb2_grpc
 from tally_kit.db import MerchantDirectory
@@ -11,7 +12,7 @@ from tally_kit.events import EventConsumer, OutboxRelay
 from tally_kit.jobs import PeriodicJob, utc_now
 from tally_kit.server import ServiceApp, ServiceRegistration
 
-from tally_payment_gateway import reconciliation
+from tally_payment_gateway import reconciliation, reseal
 from tally_payment_gateway.authorize_net import AuthorizeNetProvider
 from tally_payment_gateway.crypto import TokenVault
 from tally_payment_gateway.handlers import build_consumer
@@ -32,6 +33,7 @@ class Wiring:
     servicer: PaymentGatewayServicer
     consumer: EventConsumer
     reconciliation: PeriodicJob[UnsettledCall]
+    reseal: PeriodicJob[UUID]
 
 
 def build_directory(settings: PaymentGatewaySettings) -> MerchantDirectory:
@@ -43,7 +45,6 @@ def wire(
     *,
     clock: Clock = utc_now,
     provider: PaymentProvider | None = None,
-    reconciliation_interval_seconds: float = reconciliation.DEFAULT_INTERVAL_SECONDS,
     consumer_retry_backoff_seconds: float = 0.5,
     consumer_retry_backoff_max_seconds: float = 30.0,
 ) -> Wiring:
@@ -69,14 +70,8 @@ def wire(
             retry_backoff_seconds=consumer_retry_backoff_seconds,
             retry_backoff_max_seconds=consumer_retry_backoff_max_seconds,
         ),
-        reconciliation=reconciliation.build_job(
-            directory,
-            provider,
-            relay,
-            settings,
-            interval_seconds=reconciliation_interval_seconds,
-            clock=clock,
-        ),
+        reconciliation=reconciliation.build_job(directory, provider, relay, settings, clock=clock),
+        reseal=reseal.build_job(directory, vault, settings),
     )
 
 
@@ -95,12 +90,14 @@ def service_app(wiring: Wiring) -> ServiceApp:
             wiring.relay.start,
             wiring.consumer.start,
             wiring.reconciliation.start,
+            wiring.reseal.start,
         ],
         # Calls to the provider in flight are recorded first; the relay flushes what was
         # committed before the directory's pools close.
         on_stop=[
             wiring.servicer.drain,
             wiring.reconciliation.stop,
+            wiring.reseal.stop,
             wiring.consumer.stop,
             wiring.relay.stop,
             wiring.directory.close,

@@ -7,7 +7,8 @@ no longer decrypts.
 
 Rotating keys: list the new key beside the old ones and make it active. New tokens are sealed
 under it; rows sealed under an older key still open with theirs (`needs_reseal` finds them
-and `reseal` moves them to the active key); once none is left, the old key can go.
+and `reseal` moves them to the active key; the job of `tally_payment_gateway.reseal` moves
+every such row in the background); once none is left, the old key can go.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class TokenVault:
     @property
     def active_key_id(self) -> str:
         return self._active_key_id
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """Every key it can open tokens with, the active one included."""
+        return frozenset(self._ciphers)
 
     def seal(self, plaintext: str, *, associated_data: bytes) -> SealedToken:
         nonce = secrets.token_bytes(NONCE_BYTES)

@@ -61,9 +61,6 @@ log = logging.getLogger(__name__)
 
 JOB_NAME = "payment_reconciliation"
 ACTOR = "job:payment_reconciliation"
-DEFAULT_INTERVAL_SECONDS = 30.0
-# Each claimed payment costs a query or two to the provider inside the batch's transaction.
-DEFAULT_BATCH_SIZE = 20
 # How far before a call's start the provider's records are searched: the provider's clock and
 # Tally's may disagree.
 LOOKBACK_MARGIN = timedelta(minutes=15)
@@ -234,17 +231,17 @@ def build_job(
     relay: RelayNotifier,
     settings: PaymentGatewaySettings,
     *,
-    interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     clock: Clock = utc_now,
 ) -> PeriodicJob[UnsettledCall]:
+    """The job, every `reconciliation_interval_seconds`, `reconciliation_batch_size` payments
+    per transaction."""
     return PeriodicJob(
         JOB_NAME,
         ReconcileCalls(provider, settle_after=settle_after(settings)),
         databases,
         producer=PRODUCER,
-        interval_seconds=interval_seconds,
-        batch_size=batch_size,
+        interval_seconds=settings.reconciliation_interval_seconds,
+        batch_size=settings.reconciliation_batch_size,
         relay=relay,
         clock=clock,
         stop_grace_seconds=settings.shutdown_grace_seconds,

@@ -73,6 +73,17 @@ class PaymentGatewaySettings(ServiceSettings):
     }
     token_encryption_active_key_id: str = "dev-1"
 
+    # The reconciliation job (`reconciliation`): how often it walks the merchant databases for
+    # calls whose outcome is unknown, and how many payments one transaction claims (each costs
+    # a query or two to the provider while its row stays locked).
+    reconciliation_interval_seconds: float = Field(30.0, gt=0)
+    reconciliation_batch_size: int = Field(20, ge=1)
+    # The reseal job (`reseal`): how often it walks the merchant databases for tokens sealed
+    # under a key other than the active one, and how many it moves to the active key per
+    # transaction. Keys rotate seldom; an hour keeps a rotation's tail short at little cost.
+    token_reseal_interval_seconds: float = Field(3600.0, gt=0)
+    token_reseal_batch_size: int = Field(100, ge=1)
+
     @model_validator(mode="after")
     def _active_key_is_listed(self) -> PaymentGatewaySettings:
         if self.token_encryption_active_key_id not in self.token_encryption_keys:

@@ -569,6 +569,90 @@ async def get_payment_method(
     )
 
 
+# --- resealing tokens under the active key ------------------------------------------------
+
+
+async def count_tokens_not_under(conn: asyncpg.Connection, merchant_id: str, key_id: str) -> dict[str, int]:
+    """How many saved tokens are sealed under each key id other than `key_id`."""
+    rows = await conn.fetch(
+        """
+        SELECT key_id, count(*) AS tokens FROM payment_methods
+        WHERE merchant_id = $1 AND key_id <> $2
+        GROUP BY key_id
+        """,
+        merchant_id,
+        key_id,
+    )
+    return {row["key_id"]: row["tokens"] for row in rows}
+
+
+async def claim_tokens_under(
+    conn: asyncpg.Connection,
+    merchant_id: str,
+    key_ids: Sequence[str],
+    *,
+    after: UUID | None,
+    limit: int,
+) -> list[UUID]:
+    """Saved methods whose token is sealed under one of `key_ids`, in id order after `after`,
+    their rows locked with SKIP LOCKED."""
+    return [
+        row["payment_method_id"]
+        for row in await conn.fetch(
+            """
+            SELECT payment_method_id FROM payment_methods
+            WHERE merchant_id = $1 AND key_id = ANY($2::text[]) AND payment_method_id > $3
+            ORDER BY payment_method_id
+            LIMIT $4
+            FOR UPDATE SKIP LOCKED
+            """,
+            merchant_id,
+            list(key_ids),
+            UUID(int=0) if after is None else after,
+            limit,
+        )
+    ]
+
+
+async def get_sealed_token(
+    conn: asyncpg.Connection, merchant_id: str, payment_method_id: UUID
+) -> SealedToken | None:
+    row = await conn.fetchrow(
+        """
+        SELECT key_id, token_ciphertext FROM payment_methods
+        WHERE merchant_id = $1 AND payment_method_id = $2
+        """,
+        merchant_id,
+        payment_method_id,
+    )
+    return None if row is None else SealedToken(row["key_id"], row["token_ciphertext"])
+
+
+async def replace_sealed_token(
+    conn: asyncpg.Connection,
+    merchant_id: str,
+    payment_method_id: UUID,
+    *,
+    before: SealedToken,
+    after: SealedToken,
+) -> bool:
+    """Replaces the method's token with `after` only if it is still `before` (same key id and
+    ciphertext); False when it is not, and nothing changes."""
+    status = await conn.execute(
+        """
+        UPDATE payment_methods SET key_id = $5, token_ciphertext = $6
+        WHERE merchant_id = $1 AND payment_method_id = $2 AND key_id = $3 AND token_ciphertext = $4
+        """,
+        merchant_id,
+        payment_method_id,
+        before.key_id,
+        before.ciphertext,
+        after.key_id,
+        after.ciphertext,
+    )
+    return status == "UPDATE 1"
+
+
 # --- webhook inbox ------------------------------------------------------------------------
 
 

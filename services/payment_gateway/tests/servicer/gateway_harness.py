@@ -515,6 +515,8 @@ def gateway_settings(
         # The suite provokes outages on purpose: they must not open the circuit for the next test.
         provider_breaker_failure_threshold=10_000,
         consumer_delivery_limit=10,
+        # Only the tests run the job (`Gateway.reconcile`), with a clock they move.
+        reconciliation_interval_seconds=3600,
     )
 
 
@@ -546,10 +548,8 @@ async def _running_app(
     accounts: Mapping[str, AuthorizeNetAccount],
 ) -> AsyncIterator[Gateway]:
     events = EventCapture(settings.amqp_url.get_secret_value(), settings.events_exchange)
-    # Only the tests run the job (`Gateway.reconcile`), with a clock they move.
     wiring = wire(
         settings,
-        reconciliation_interval_seconds=3600,
         consumer_retry_backoff_seconds=0.05,
         consumer_retry_backoff_max_seconds=0.5,
     )
