@@ -913,8 +913,8 @@ _CARD_PREFIX = re.compile(
 )
 # Identifiers written as UUIDs (8-4-4-4-12 hexadecimal digits) are not card numbers, though the
 # digit groups of about one in a thousand line up like one ("b374-642577194837"): they are
-# taken out before the search.
-_UUID = re.compile(r"(?<![0-9A-Fa-f-])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Fa-f-])")
+# taken out before the search, also where a hyphen joins them to a label ("order-<uuid>").
+_UUID = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Fa-f])")
 
 
 def contains_card_number(text: str) -> bool:

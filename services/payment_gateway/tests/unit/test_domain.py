@@ -7,6 +7,8 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tally_kit.amounts import Money
 from tally_kit.errors import FailedPrecondition, InvalidArgument, RuleViolation
 from tally_payment_gateway import domain
@@ -377,11 +379,27 @@ def test_card_numbers_are_recognised_however_they_are_written(text: str) -> None
         "1234567890123452",  # no card network starts with 1
         "41111111111111110000000",  # part of a longer number
         "6f1c2a4e-8b3d-4f5a-9c7e-1d2b3a4c5d6e",
+        # A UUID whose last groups line up like an Amex number (374-642577194837), alone and
+        # joined to a label by a hyphen.
+        "6f1c2a4e-8b3d-4f5a-b374-642577194837",
+        "order-6f1c2a4e-8b3d-4f5a-b374-642577194837",
+        "sim-approve-6f1c2a4e-8b3d-4f5a-b374-642577194837-retry",
         "123",
     ],
 )
 def test_other_numbers_are_not_taken_for_cards(text: str) -> None:
     assert not domain.contains_card_number(text)
+
+
+@given(
+    st.uuids(),
+    st.sampled_from(["", "order-", "sim-approve-", "ref:", "id="]),
+    st.sampled_from(["", "-2", " x"]),
+)
+def test_no_uuid_is_taken_for_a_card_whatever_it_is_joined_to(
+    identifier: UUID, label: str, tail: str
+) -> None:
+    assert not domain.contains_card_number(f"{label}{identifier}{tail}")
 
 
 def test_a_request_carrying_a_card_number_is_refused_without_repeating_it() -> None:
