@@ -64,7 +64,6 @@ from tally.common.v1.money_pb2 import Credits, Money
 from tally.ledger.v1 import events_pb2 as ledger_events
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import payment_gateway_service_pb2_grpc as rpc
-from tally.payment_gateway.v1 import resources_pb2 as res
 from tally.receipt.v1 import events_pb2 as receipt_events
 from tally_kit.auth import issue_dev_token
 from tally_kit.db.directory import merchant_database_name
@@ -77,7 +76,8 @@ from tally_receipt.settings import ReceiptSettings
 LOT_ISSUED = "ledger.lot_issued"
 RECEIPT_ISSUED = "receipt.receipt_issued"
 PRICE = Money(amount_minor=1490, currency="EUR")
-# The simulator approves a one-time token spelled so (services/payment_gateway/psp_simulator).
+# The simulator approves a one-time token spelled so (services/payment_gateway/psp_simulator);
+# its random part is a UUID, which the gateway's card-number search never mistakes for a card.
 TOKEN_DESCRIPTOR = "COMMON.ACCEPT.INAPP.PAYMENT"
 # From the `Purchase` call to both events; a purchase not done by then counts as an error.
 COMPLETION_TIMEOUT_SECONDS = 30.0
@@ -101,6 +101,7 @@ class Bench:
     pending: dict[str, Pending] = field(default_factory=dict)
     orders: dict[str, list[str]] = field(default_factory=dict)
     unmatched_events: int = 0
+    refusals_told: set[str] = field(default_factory=set)
 
     def watch(self, order_id: str) -> Pending:
         loop = asyncio.get_running_loop()
@@ -144,7 +145,7 @@ class Bench:
                     amount=PRICE,
                     payment_source=api.PaymentSource(
                         one_time_token=api.OneTimeToken(
-                            descriptor=TOKEN_DESCRIPTOR, value=f"sim-approve-{uuid.uuid4().hex[:16]}"
+                            descriptor=TOKEN_DESCRIPTOR, value=f"sim-approve-{uuid.uuid4()}"
                         )
                     ),
                     description="Bench pack",
@@ -154,7 +155,11 @@ class Bench:
             )
         except grpc.aio.AioRpcError as error:
             del self.pending[order_id]
-            raise Refused(f"Purchase {error.code().name}") from None
+            refusal = f"Purchase {error.code().name}"
+            if refusal not in self.refusals_told:
+                self.refusals_told.add(refusal)
+                progress(f"first {refusal}: {error.details()}")
+            raise Refused(refusal) from None
         answered = clock()
         self.orders.setdefault(merchant_id, []).append(order_id)
         try:
@@ -341,7 +346,9 @@ async def main(args: argparse.Namespace) -> None:
         processes["simulator"] = await start_simulator(ports["simulator"])
         for name in ("catalog", "ledger", "receipt", "payment_gateway"):
             processes[name] = await start_server(f"tally_{name}", environments[name], ports[name])
-        progress("stack started")
+        progress(
+            "stack started: " + ", ".join(f"{name} pid {process.pid}" for name, process in processes.items())
+        )
         async with grpc.aio.insecure_channel(catalog_target) as catalog_channel:
             merchants = [
                 await set_up_merchant(catalog_channel, settings, f"bench-{prefix.rstrip('_')}-{n}")
