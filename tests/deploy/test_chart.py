@@ -92,6 +92,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "two-services": {"services": {"paymentGateway": PAYMENT_GATEWAY}},
     "full": FULL,
+    # The chart's own payment gateway block, switched on.
+    "payment-gateway": {"services": {"paymentGateway": {"enabled": True}}},
+}
+# What the payment gateway's Secrets hold, in the format its settings read.
+PAYMENT_GATEWAY_SECRETS = {
+    "AUTHORIZE_NET_ACCOUNTS": json.dumps(
+        {"acme": {"api_login_id": "acme-login", "transaction_key": "tk", "signature_key": "sk"}}
+    ),
+    "TOKEN_ENCRYPTION_KEYS": json.dumps({"2030-01": "g2QuI/JnaC1YGm3EgcpLbXb+7yy2VokUbVKu7UxRuXQ="}),
+    "TOKEN_ENCRYPTION_ACTIVE_KEY_ID": "2030-01",
 }
 
 
@@ -258,6 +268,37 @@ def test_the_catalog_parses_the_environment_the_chart_gives_it(
     assert settings["pg_host"] == values["postgres"]["host"]
 
 
+def test_the_payment_gateway_parses_the_environment_the_chart_gives_it(
+    render: Callable[[str], list[Manifest]],
+) -> None:
+    block = DEFAULTS["services"]["paymentGateway"]
+    deployment = _of_kind(render("payment-gateway"), "Deployment")["tally-payment-gateway"]
+    fields = settings_fields("tally_payment_gateway")
+    environment = {}
+    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+        name = item["name"].removeprefix("PAYMENT_GATEWAY_")
+        assert name.lower() in fields, f"{item['name']} matches no setting"
+        environment[item["name"]] = item.get(
+            "value", PAYMENT_GATEWAY_SECRETS.get(name, "value-from-a-secret")
+        )
+    assert set(PAYMENT_GATEWAY_SECRETS) <= set(block["secretEnv"])
+    settings = load_settings("tally_payment_gateway", environment)
+    assert (settings["grpc_port"], settings["metrics_port"]) == (50053, 9103)
+    assert settings["authorize_net_url"] == block["env"]["AUTHORIZE_NET_URL"]
+    assert set(settings["authorize_net_accounts"]) == {"acme"}, "no development default account"
+    assert settings["token_encryption_active_key_id"] == "2030-01"
+    jobs = {
+        name: settings[name.lower()]
+        for name in (
+            "RECONCILIATION_INTERVAL_SECONDS",
+            "RECONCILIATION_BATCH_SIZE",
+            "RESEAL_INTERVAL_SECONDS",
+            "RESEAL_BATCH_SIZE",
+        )
+    }
+    assert jobs == {name: float(block["env"][name]) for name in jobs}
+
+
 def test_jwks_is_mounted_as_a_file_when_configured(render: Callable[[str], list[Manifest]]) -> None:
     pod = _of_kind(render("full"), "Deployment")["tally-catalog"]["spec"]["template"]["spec"]
     env = {item["name"]: item for item in pod["containers"][0]["env"]}
@@ -375,6 +416,10 @@ def test_monitoring_objects_can_be_switched_off(chart: Any) -> None:
         (
             {"services": {"catalog": {"env": {"PG_PASSWORD": "hunter2"}}}},
             "a credential passed as a plain setting",
+        ),
+        (
+            {"services": {"paymentGateway": {"env": {"TOKEN_ENCRYPTION_KEYS": '{"k1": "..."}'}}}},
+            "encryption keys passed as a plain setting",
         ),
         ({"services": {"catalog": {"envPrefix": "catalog"}}}, "a prefix the settings class cannot have"),
         ({"services": {"catalog": {"grpcPort": 70000}}}, "a port out of range"),

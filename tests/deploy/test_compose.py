@@ -26,8 +26,12 @@ def _kebab(key: str) -> str:
 
 
 def _services() -> Iterator[tuple[str, dict, dict, dict]]:
-    """(compose name, chart block, serving service, migrate job) for every service in the chart."""
+    """(compose name, chart block, serving service, migrate job) for every service the chart
+    deploys by default; a block switched off (`enabled: false`) joins compose when it is
+    switched on."""
     for key, block in CHART_SERVICES.items():
+        if not block["enabled"]:
+            continue
         name = _kebab(key)
         yield name, block, COMPOSE[name], COMPOSE[f"{name}-migrate"]
 

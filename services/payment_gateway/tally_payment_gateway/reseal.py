@@ -2,8 +2,8 @@
 so that the old key can be retired once no row needs it.
 
 After a rotation (a new key listed and made active, the old ones still listed; see `crypto`),
-rows sealed under an old key keep opening. Every `token_reseal_interval_seconds` this job walks
-the merchant databases and, `token_reseal_batch_size` rows per transaction, opens each such
+rows sealed under an old key keep opening. Every `reseal_interval_seconds` this job walks
+the merchant databases and, `reseal_batch_size` rows per transaction, opens each such
 token and seals it again under the active key, bound to the same row.
 
 - Replicas share the work: rows are claimed with `FOR UPDATE ... SKIP LOCKED`
@@ -140,13 +140,13 @@ class ResealTokens:
 def build_job(
     databases: MerchantDatabases, vault: TokenVault, settings: PaymentGatewaySettings
 ) -> PeriodicJob[UUID]:
-    """The job, every `token_reseal_interval_seconds`, `token_reseal_batch_size` rows per transaction."""
+    """The job, every `reseal_interval_seconds`, `reseal_batch_size` rows per transaction."""
     return PeriodicJob(
         JOB_NAME,
         ResealTokens(vault),
         databases,
         producer=PRODUCER,
-        interval_seconds=settings.token_reseal_interval_seconds,
-        batch_size=settings.token_reseal_batch_size,
+        interval_seconds=settings.reseal_interval_seconds,
+        batch_size=settings.reseal_batch_size,
         stop_grace_seconds=settings.shutdown_grace_seconds,
     )

@@ -80,9 +80,10 @@ class PaymentGatewaySettings(ServiceSettings):
     reconciliation_batch_size: int = Field(20, ge=1)
     # The reseal job (`reseal`): how often it walks the merchant databases for tokens sealed
     # under a key other than the active one, and how many it moves to the active key per
-    # transaction. Keys rotate seldom; an hour keeps a rotation's tail short at little cost.
-    token_reseal_interval_seconds: float = Field(3600.0, gt=0)
-    token_reseal_batch_size: int = Field(100, ge=1)
+    # transaction. Each walk moves every such row, so hourly: within the hour after a rotation,
+    # and between rotations a walk finds nothing to do.
+    reseal_interval_seconds: float = Field(3600.0, gt=0)
+    reseal_batch_size: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _active_key_is_listed(self) -> PaymentGatewaySettings:

@@ -84,7 +84,7 @@ def opened(vault: TokenVault, rows: dict[UUID, SealedToken]) -> dict[UUID, str]:
 
 
 def job(directory: MerchantDirectory, vault: TokenVault, batch_size: int = 10) -> PeriodicJob[UUID]:
-    return reseal.build_job(directory, vault, PaymentGatewaySettings(token_reseal_batch_size=batch_size))
+    return reseal.build_job(directory, vault, PaymentGatewaySettings(reseal_batch_size=batch_size))
 
 
 def resealed_total() -> float:
