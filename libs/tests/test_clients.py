@@ -154,6 +154,18 @@ async def test_safe_call_is_retried_on_unavailable_until_the_server_comes_up() -
             await app.stop()
 
 
+async def test_safe_call_gives_up_after_its_attempts_with_the_last_error() -> None:
+    port = free_port()
+    labels = {"grpc_type": "UNARY", "grpc_service": SERVICE, "grpc_method": "Echo"}
+    before = REGISTRY.get_sample_value("grpc_client_started_total", labels) or 0
+    retry = RetryPolicy(max_attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.02)
+    patient = BreakerPolicy(failure_threshold=1000)
+    async with channel_to(port, safe_methods={"Echo"}, retry=retry, breaker=patient) as channel:
+        error = await rpc_error(kittest_pb2_grpc.KitTestServiceStub(channel).Echo(echo(text="nobody")))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert REGISTRY.get_sample_value("grpc_client_started_total", labels) - before == 3
+
+
 async def test_unsafe_call_is_not_retried() -> None:
     port = free_port()
     attempts = REGISTRY.get_sample_value(
