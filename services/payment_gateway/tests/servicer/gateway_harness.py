@@ -114,9 +114,10 @@ def new_id() -> str:
 
 def one_time_token(outcome: str = "approve") -> api.PaymentSource:
     """A one-time token the simulator answers with `outcome` (approve, decline, error, review,
-    slow, timeout, server-error, lost)."""
+    slow, timeout, server-error, lost). Its random part is a UUID: random hexadecimal digits
+    run together can line up like a card number, which the gateway refuses."""
     return api.PaymentSource(
-        one_time_token=api.OneTimeToken(descriptor=DESCRIPTOR, value=f"sim-{outcome}-{secrets.token_hex(8)}")
+        one_time_token=api.OneTimeToken(descriptor=DESCRIPTOR, value=f"sim-{outcome}-{new_id()}")
     )
 
 
