@@ -20,11 +20,12 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally_catalog.settings import CatalogSettings
+from tally_gateway.routes import EDGE_ALIASES
 from tally_gateway.settings import GatewaySettings
 from tally_kit.auth import issue_dev_token
 from tally_kit.settings import ServiceSettings
 from tally_ledger.settings import LedgerSettings
-from tally_payment_gateway.settings import PaymentGatewaySettings
+from tally_payment_gateway.settings import MERCHANT_PLACEHOLDER, PaymentGatewaySettings
 from tally_receipt.settings import ReceiptSettings
 
 COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m"]
@@ -59,6 +60,12 @@ class ServiceSpec:
 
 GATEWAY_PORT = GatewaySettings().http_port
 SIMULATOR_PORT = 8090
+# Where the simulator sends each merchant's webhooks: the HTTP gateway's Authorize.Net route,
+# which hands them to the payment gateway; the simulator puts the merchant in its place.
+_AUTHORIZE_NET_ROUTE = next(alias.path for alias in EDGE_ALIASES if alias.name == "authorizeNet")
+SIMULATOR_WEBHOOK_URL = f"http://127.0.0.1:{GATEWAY_PORT}" + _AUTHORIZE_NET_ROUTE.replace(
+    "{merchant_id}", MERCHANT_PLACEHOLDER
+)
 
 # Started in this order, each once the previous is ready: the ledger, the receipt service
 # and the payment gateway read the catalog or the simulator, every consumer declares its
@@ -71,7 +78,7 @@ SUITE: tuple[ServiceSpec, ...] = (
         "psp-simulator",
         "psp_simulator",
         None,
-        args=("--port", str(SIMULATOR_PORT)),
+        args=("--port", str(SIMULATOR_PORT), "--webhook-url", SIMULATOR_WEBHOOK_URL),
         http_ready_path="/_simulator/transactions",
         http_port=SIMULATOR_PORT,
     ),

@@ -19,9 +19,11 @@ against the order of Authorize.Net's schema (E00003 otherwise).
 - getTransactionDetailsRequest, getUnsettledTransactionListRequest, getSettledBatchListRequest
   and getTransactionListRequest.
 
-Requests are authenticated with `merchantAuthentication` (E00007 otherwise). The account
-`simulator` / `simulator-transaction-key` is always there (the payment gateway's development
-default); tests add their own.
+Requests are authenticated with `merchantAuthentication` (E00007 otherwise). Each merchant has
+an account of its own, opened the first time it signs in: login `simulator.<merchant>`,
+transaction key `simulator-transaction-key` (the payment gateway's development default,
+`SIMULATOR_ACCOUNT`, signs each merchant in so). Each account has its own books, and its own
+webhook URL. Tests add accounts of their own.
 
 Scripted outcomes
 -----------------
@@ -66,6 +68,12 @@ Control endpoints
 
 Webhooks
 --------
+The merchants' accounts send their notifications to `--webhook-url` (or
+`$PSP_SIMULATOR_WEBHOOK_URL`; none when unset), `{merchant}` in it standing for the account's
+merchant, as each merchant's own Authorize.Net account has its own webhook endpoint: under
+`make run`, `http://127.0.0.1:8080/v1/webhooks/authorize-net/{merchant}`, the HTTP gateway's
+route to the payment gateway.
+
 Every change sends the account's webhook URL a notification signed like Authorize.Net's
 (`X-ANET-Signature: sha512=<HEX>`, HMAC-SHA512 of the body keyed with the account's signature
 key): net.authorize.payment.authcapture.created, authorization.created,

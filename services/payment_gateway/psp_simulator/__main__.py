@@ -11,7 +11,7 @@ import uvicorn
 from tally_payment_gateway.settings import SIMULATOR_ACCOUNT
 
 from psp_simulator.api import Timing, create_app
-from psp_simulator.bank import Account, Bank
+from psp_simulator.bank import AccountFamily, Bank
 from psp_simulator.notifier import Notifier
 
 
@@ -29,19 +29,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--webhook-url",
         default=os.environ.get("PSP_SIMULATOR_WEBHOOK_URL"),
-        help="where the default account's notifications go (default: $PSP_SIMULATOR_WEBHOOK_URL, else none)",
+        help=(
+            "where the notifications of each merchant's account go, {merchant} standing for the "
+            "merchant, e.g. http://127.0.0.1:8080/v1/webhooks/authorize-net/{merchant} "
+            "(default: $PSP_SIMULATOR_WEBHOOK_URL, else none)"
+        ),
     )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
 
-    default_account = Account(
+    # The payment gateway's development default signs each merchant in as its own account.
+    merchants = AccountFamily(
         login=SIMULATOR_ACCOUNT.api_login_id,
         transaction_key=SIMULATOR_ACCOUNT.transaction_key.get_secret_value(),
         signature_key=SIMULATOR_ACCOUNT.signature_key.get_secret_value(),
         webhook_url=args.webhook_url,
     )
     app = create_app(
-        Bank(accounts={default_account.login: default_account}),
+        Bank(accounts={}, family=merchants),
         Notifier(),
         Timing(slow_seconds=args.slow_seconds, hang_seconds=args.hang_seconds),
     )

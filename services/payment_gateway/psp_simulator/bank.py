@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from urllib.parse import quote
+
+from tally_payment_gateway.settings import MERCHANT_PLACEHOLDER
 
 # Authorize.Net's transaction statuses the simulator uses.
 AUTHORIZED = "authorizedPendingCapture"
@@ -78,6 +82,45 @@ class Account:
     webhook_url: str | None = None
 
 
+# What may stand for the merchant in a login: it ends up in a URL path.
+_MERCHANT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class AccountFamily:
+    """Accounts opened on first use, one per merchant: a login is `login` with the merchant in
+    place of MERCHANT_PLACEHOLDER, and the account's notifications go to `webhook_url` with the
+    merchant in place of the placeholder there too (so each merchant gets its own webhooks at the
+    URL its own account has in Authorize.Net)."""
+
+    login: str
+    transaction_key: str
+    signature_key: str
+    webhook_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.login.count(MERCHANT_PLACEHOLDER) != 1:
+            raise ValueError(
+                f"the login {self.login!r} must name the merchant once, as {MERCHANT_PLACEHOLDER}"
+            )
+
+    def account(self, login: str) -> Account | None:
+        """The account of the merchant `login` names; None when it is not of this family."""
+        prefix, _, suffix = self.login.partition(MERCHANT_PLACEHOLDER)
+        if not (login.startswith(prefix) and login.endswith(suffix)):
+            return None
+        merchant = login[len(prefix) : len(login) - len(suffix)]
+        if not _MERCHANT.fullmatch(merchant):
+            return None
+        url = self.webhook_url
+        return Account(
+            login=login,
+            transaction_key=self.transaction_key,
+            signature_key=self.signature_key,
+            webhook_url=None if url is None else url.replace(MERCHANT_PLACEHOLDER, quote(merchant, safe="")),
+        )
+
+
 @dataclass
 class Transaction:
     trans_id: str
@@ -128,6 +171,8 @@ class Script:
 @dataclass
 class Bank:
     accounts: dict[str, Account]
+    # Accounts opened when a login of the family signs in for the first time.
+    family: AccountFamily | None = None
     transactions: dict[str, Transaction] = field(default_factory=dict)
     batches: list[Batch] = field(default_factory=list)
     scripts: list[Script] = field(default_factory=list)
@@ -135,9 +180,11 @@ class Bank:
 
     def authenticate(self, login: str, transaction_key: str) -> Account | None:
         account = self.accounts.get(login)
+        if account is None and self.family is not None:
+            account = self.family.account(login)
         if account is None or not secrets.compare_digest(account.transaction_key, transaction_key):
             return None
-        return account
+        return self.accounts.setdefault(login, account)
 
     def scripted(
         self, request: str, transaction_type: str | None, invoice_number: str | None

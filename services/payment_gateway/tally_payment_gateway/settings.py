@@ -1,9 +1,9 @@
 """Payment gateway settings: every `ServiceSettings` field, read from `PAYMENT_GATEWAY_*` variables.
 
-The defaults work on a developer machine: the provider is the PSP simulator on port 8090 with
-its own account, and saved tokens are encrypted under a development key. Production sets
-`AUTHORIZE_NET_URL`, each merchant's account in `AUTHORIZE_NET_ACCOUNTS` (without the default
-entry), and its own encryption keys, all from secrets.
+The defaults work on a developer machine: the provider is the PSP simulator on port 8090, where
+each merchant has an account of its own, and saved tokens are encrypted under a development
+key. Production sets `AUTHORIZE_NET_URL`, each merchant's account in `AUTHORIZE_NET_ACCOUNTS`
+(without the default entry), and its own encryption keys, all from secrets.
 """
 
 from __future__ import annotations
@@ -24,9 +24,15 @@ class AuthorizeNetAccount(BaseModel):
     signature_key: SecretStr
 
 
-# The PSP simulator's account; the simulator serves it unless told otherwise. Development only.
+# In the `api_login_id` of the default entry (see `authorize_net_accounts`), stands for the
+# merchant being served: each merchant then signs in as an account of its own.
+MERCHANT_PLACEHOLDER = "{merchant}"
+
+# The PSP simulator's accounts, one per merchant (`simulator.<merchant id>`), which the simulator
+# opens on first use: each merchant has its own books there, and its own webhook URL.
+# Development only.
 SIMULATOR_ACCOUNT = AuthorizeNetAccount(
-    api_login_id="simulator",
+    api_login_id=f"simulator.{MERCHANT_PLACEHOLDER}",
     transaction_key=SecretStr("simulator-transaction-key"),
     signature_key=SecretStr(
         "DA66ECC87BC0D1F9E023789D23C2215537F44F975496F939CEC0035E5B4EBE7A"
@@ -51,8 +57,9 @@ class PaymentGatewaySettings(ServiceSettings):
     authorize_net_url: str = "http://127.0.0.1:8090"
     # Each merchant's account by merchant id, as JSON: {"acme": {"api_login_id": "...",
     # "transaction_key": "...", "signature_key": "..."}}. The entry "*" serves merchants that
-    # have none of their own; leave it out in production, so that such a merchant is refused
-    # (PROVIDER_NOT_CONFIGURED).
+    # have none of their own, as the login it names with MERCHANT_PLACEHOLDER replaced by the
+    # merchant id (as it is when it has none); leave it out in production, so that such a
+    # merchant is refused (PROVIDER_NOT_CONFIGURED).
     authorize_net_accounts: dict[str, AuthorizeNetAccount] = {DEFAULT_ACCOUNT_KEY: SIMULATOR_ACCOUNT}
 
     provider_connect_timeout_seconds: float = Field(5.0, gt=0)
@@ -92,6 +99,14 @@ class PaymentGatewaySettings(ServiceSettings):
         return self
 
     def authorize_net_account(self, merchant_id: str) -> AuthorizeNetAccount | None:
-        """The merchant's own account, else the default one ("*"), else None."""
-        accounts = self.authorize_net_accounts
-        return accounts.get(merchant_id) or accounts.get(DEFAULT_ACCOUNT_KEY)
+        """The merchant's own account, else the default one ("*") signed in as the merchant,
+        else None."""
+        own = self.authorize_net_accounts.get(merchant_id)
+        if own is not None:
+            return own
+        default = self.authorize_net_accounts.get(DEFAULT_ACCOUNT_KEY)
+        if default is None or MERCHANT_PLACEHOLDER not in default.api_login_id:
+            return default
+        return default.model_copy(
+            update={"api_login_id": default.api_login_id.replace(MERCHANT_PLACEHOLDER, merchant_id)}
+        )

@@ -1,5 +1,6 @@
 """The PSP simulator as a real process on a free port, a webhook receiver, and an Authorize.Net
-adapter pointed at the simulator with an account of each test's own."""
+adapter pointed at the simulator with an account of each test's own. The simulator sends the
+notifications of the accounts it opens per merchant to the receiver too, under the merchant."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from tally_kit.clients import BreakerPolicy, RetryPolicy
 from tally_payment_gateway.authorize_net import AuthorizeNetProvider
-from tally_payment_gateway.settings import AuthorizeNetAccount
+from tally_payment_gateway.settings import MERCHANT_PLACEHOLDER, AuthorizeNetAccount
 
 # Short enough to keep the suite quick; `slow` answers well inside the adapter's timeout,
 # `timeout` and `lost` well beyond it.
@@ -53,23 +54,25 @@ class Simulator:
 
 @dataclass
 class Notifications:
-    """What the webhook receiver got for each account: (headers, raw body) in arrival order."""
+    """What the webhook receiver got at each URL `<base_url>/<name>` (an account's login, or a
+    merchant for the accounts the simulator opens per merchant): (headers, raw body) in
+    arrival order."""
 
     base_url: str
     received: defaultdict[str, asyncio.Queue[tuple[dict[str, str], bytes]]] = field(
         default_factory=lambda: defaultdict(asyncio.Queue)
     )
 
-    def url(self, login: str) -> str:
-        return f"{self.base_url}/{login}"
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
 
-    async def next(self, login: str) -> tuple[dict[str, str], bytes]:
+    async def next(self, name: str) -> tuple[dict[str, str], bytes]:
         async with asyncio.timeout(NOTIFICATION_WAIT_SECONDS):
-            return await self.received[login].get()
+            return await self.received[name].get()
 
 
 @pytest.fixture(scope="session")
-async def simulator() -> AsyncIterator[Simulator]:
+async def simulator(notifications: Notifications) -> AsyncIterator[Simulator]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -80,6 +83,8 @@ async def simulator() -> AsyncIterator[Simulator]:
         str(SLOW_SECONDS),
         "--hang-seconds",
         str(HANG_SECONDS),
+        "--webhook-url",
+        notifications.url(MERCHANT_PLACEHOLDER),
         stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -108,12 +113,12 @@ async def notifications() -> AsyncIterator[Notifications]:
     received = Notifications(base_url=f"http://127.0.0.1:{port}/webhooks")
 
     async def receive(request: Request) -> Response:
-        await received.received[request.path_params["login"]].put(
+        await received.received[request.path_params["name"]].put(
             (dict(request.headers), await request.body())
         )
         return Response(status_code=200)
 
-    app = Starlette(routes=[Route("/webhooks/{login}", receive, methods=["POST"])])
+    app = Starlette(routes=[Route("/webhooks/{name}", receive, methods=["POST"])])
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     # Listening before uvicorn starts: deliveries that come early wait in the backlog.
     listener.listen()
