@@ -41,6 +41,12 @@ RUN uv sync --frozen --no-dev \
 
 FROM ${PYTHON_IMAGE} AS runtime
 
+# The receipt service sets its PDFs in DejaVu Sans (its settings' default font files) and
+# refuses to start without them.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-dejavu-core \
+    && rm -rf /var/lib/apt/lists/*
+
 ARG TALLY_UID=10001
 RUN groupadd --system --gid "${TALLY_UID}" tally \
     && useradd --system --uid "${TALLY_UID}" --gid tally --no-create-home \

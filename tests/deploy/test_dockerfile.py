@@ -76,6 +76,20 @@ def test_every_planned_port_is_exposed() -> None:
     assert exposed == PLANNED_PORTS
 
 
+def test_runtime_has_the_fonts_the_receipt_service_sets_its_pdfs_in() -> None:
+    # fonts-dejavu-core ships /usr/share/fonts/truetype/dejavu/DejaVuSans{,-Bold}.ttf.
+    settings = (REPO / "services" / "receipt" / "tally_receipt" / "settings.py").read_text()
+    fonts = re.findall(r'^DEJAVU_\w+ = "([^"]+)"$', settings, re.MULTILINE)
+    assert fonts and all(font.startswith("/usr/share/fonts/truetype/dejavu/") for font in fonts), fonts
+    runtime = DOCKERFILE.split("AS runtime", 1)[1]
+    runtime_runs = [run for run in _instructions("RUN") if run in re.sub(r"\\\n", " ", runtime)]
+    assert any(
+        "apt-get install -y --no-install-recommends fonts-dejavu-core" in run
+        and "rm -rf /var/lib/apt/lists/*" in run
+        for run in runtime_runs
+    ), "the runtime stage installs fonts-dejavu-core and drops apt's lists"
+
+
 def test_default_command_starts_the_catalog_without_a_shell() -> None:
     assert _instructions("CMD") == ['["python", "-m", "tally_catalog"]']
 
