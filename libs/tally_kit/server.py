@@ -17,16 +17,20 @@ A service's `__main__` is typically:
         )
 
     run(build)
+
+or, for a service that keeps merchant databases, `serve_or_migrate(...)`, which adds the
+`migrate` command the Helm pre-upgrade hook runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvloop
@@ -34,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tally_kit.auth import TokenVerifier
+from tally_kit.db.directory import MerchantDirectory
 from tally_kit.interceptors import ServerInterceptor
 from tally_kit.logging import configure_logging
 from tally_kit.metrics import MetricsServer, record_build_info, start_metrics_server
@@ -171,3 +176,46 @@ def run(app_factory: Callable[[], ServiceApp]) -> None:
     # uvloop cuts the event loop's share of each call by about a fifth (measured with
     # bench/catalog_bench.py); the client side gains nothing from it.
     uvloop.run(main())
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def serve_or_migrate(
+    module: str,
+    description: str | None,
+    settings_class: type[S],
+    build_app: Callable[[], ServiceApp],
+    build_directory: Callable[[S], MerchantDirectory],
+) -> None:
+    """`python -m <module> [serve]` serves; `python -m <module> migrate` migrates the control
+    database and every merchant database, then exits: status 1, and the error logged, at the
+    first database that cannot be migrated (the deploy stops there)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("command", nargs="?", choices=["serve", "migrate"], default="serve")
+    if parser.parse_args().command == "serve":
+        run(build_app)
+        return
+    settings = settings_class()
+    configure_logging(settings.service_name, settings.log_level)
+    log = logging.getLogger(f"{module}.migrate")
+    try:
+        asyncio.run(_migrate(build_directory(settings), log))
+    except Exception:
+        log.exception("migration failed")
+        raise SystemExit(1) from None
+
+
+async def _migrate(directory: MerchantDirectory, log: logging.Logger) -> None:
+    await directory.start()
+    try:
+        applied = await directory.migrate_all()
+    finally:
+        await directory.close()
+    changed = {merchant: names for merchant, names in applied.items() if names}
+    log.info(
+        "migrated %d merchant databases, %d changed",
+        len(applied),
+        len(changed),
+        extra={"changed": changed},
+    )
