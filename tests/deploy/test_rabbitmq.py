@@ -9,13 +9,49 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, cast
 
+from pydantic_settings import BaseSettings
 from tally_kit.events.topology import UNROUTED_RETENTION_DAYS, unrouted_exchange_name, unrouted_queue_name
+from tally_ledger.handlers import PaymentEventHandlers
+from tally_ledger.settings import LedgerSettings
+from tally_payment_gateway import handlers as payment_gateway_handlers
+from tally_payment_gateway.settings import PaymentGatewaySettings
+from tally_receipt.handlers import LedgerEventHandlers
+from tally_receipt.settings import ReceiptSettings
 
 from .conftest import DEPLOY, REPO
 
 DEFINITIONS = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
 SETTINGS = (REPO / "libs" / "tally_kit" / "settings.py").read_text()
+
+
+def _default(settings: type[BaseSettings], field: str) -> Any:
+    return settings.model_fields[field].default
+
+
+# Every consuming service by package, as compose runs it (no database prefix): its queue
+# prefix, the routing keys its consumer binds (the keys of its handler table; building the
+# table only names the handlers' bound methods, so no collaborator is needed) and its
+# delivery limit.
+CONSUMERS: dict[str, tuple[str, set[str], int]] = {
+    "tally_ledger": (
+        _default(LedgerSettings, "consumer_name"),
+        set(PaymentEventHandlers(cast(Any, None)).handlers()),
+        _default(LedgerSettings, "consumer_delivery_limit"),
+    ),
+    "tally_receipt": (
+        _default(ReceiptSettings, "consumer_name"),
+        set(LedgerEventHandlers(cast(Any, None)).by_event_type()),
+        _default(ReceiptSettings, "consumer_delivery_limit"),
+    ),
+    "tally_payment_gateway": (
+        payment_gateway_handlers.CONSUMER,
+        set(payment_gateway_handlers.NotificationHandler(cast(Any, None), clock=cast(Any, None)).handlers()),
+        _default(PaymentGatewaySettings, "consumer_delivery_limit"),
+    ),
+}
+QUEUE_PREFIXES = {prefix: (keys, limit) for prefix, keys, limit in CONSUMERS.values()}
 
 
 def _setting_default(name: str) -> str:
@@ -60,18 +96,19 @@ def test_events_no_service_consumes_are_kept_in_the_unrouted_queue_the_kit_decla
 def test_each_consumer_queue_dead_letters_into_its_parking_queue_with_the_kits_arguments() -> None:
     exchanges = _by_name("exchanges")
     queues = _by_name("queues")
-    delivery_limit = int(_setting_default("consumer_delivery_limit"))
     bindings = {(b["source"], b["destination"]) for b in DEFINITIONS["bindings"]}
     for name, queue in queues.items():
         if name == unrouted_queue_name(_setting_default("events_exchange")):
             continue
         service, _, role = name.partition(".")
         assert role in {"events", "parking"}, f"{name}: queues are <service>.events or <service>.parking"
+        assert service in QUEUE_PREFIXES, f"{name}: {service} is no consuming service"
         assert queue["durable"] and not queue["auto_delete"], name
         if role == "parking":
             assert queue["arguments"] == {"x-queue-type": "quorum"}, name
             assert (f"{service}.dlx", name) in bindings, f"{name} is not bound to {service}.dlx"
             continue
+        _routing_keys, delivery_limit = QUEUE_PREFIXES[service]
         assert queue["arguments"] == {
             "x-queue-type": "quorum",
             "x-dead-letter-exchange": f"{service}.dlx",
@@ -85,6 +122,32 @@ def test_each_consumer_queue_dead_letters_into_its_parking_queue_with_the_kits_a
         assert any(source == "tally.events" and dest == name for source, dest in bindings), (
             f"{name} is bound to no routing key of tally.events"
         )
+
+
+def test_every_service_that_consumes_events_is_listed_here() -> None:
+    consuming = {
+        source.parent.name
+        for source in (REPO / "services").glob("*/tally_*/*.py")
+        if "EventConsumer(" in source.read_text()
+    }
+    assert consuming == set(CONSUMERS)
+
+
+def test_every_consumer_has_its_queue_bound_to_exactly_the_events_it_handles() -> None:
+    queues = _by_name("queues")
+    exchange = _setting_default("events_exchange")
+    for service, (routing_keys, _delivery_limit) in QUEUE_PREFIXES.items():
+        assert {f"{service}.events", f"{service}.parking"} <= set(queues), service
+        bound = {
+            binding["routing_key"]
+            for binding in DEFINITIONS["bindings"]
+            if binding["source"] == exchange and binding["destination"] == f"{service}.events"
+        }
+        assert bound == routing_keys, service
+    assert all(
+        binding["destination_type"] == "queue" and binding["arguments"] == {}
+        for binding in DEFINITIONS["bindings"]
+    )
 
 
 def test_definitions_carry_no_users_or_credentials() -> None:
