@@ -7,14 +7,9 @@ cannot be mapped and leave the wording of the refusal to the validation layer.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from tally.catalog.v1 import resources_pb2
-from tally.common.v1 import money_pb2
 from tally_kit.amounts import format_decimal
+from tally_kit.protobuf import credits, duration, money, timestamp
 
 from tally_catalog.domain import (
     BillingInterval,
@@ -25,7 +20,6 @@ from tally_catalog.domain import (
     IntervalUnit,
     Merchant,
     MerchantConfig,
-    Money,
     Offer,
     OperationTypeVersion,
     PostalAddress,
@@ -58,34 +52,6 @@ _DISTRIBUTION_NUMBERS = {value: number for number, value in DISTRIBUTIONS.items(
 _GRANT_POLICY_NUMBERS = {value: number for number, value in GRANT_POLICIES.items()}
 _INTERVAL_UNIT_NUMBERS = {value: number for number, value in INTERVAL_UNITS.items()}
 _FINAL_ACTION_NUMBERS = {value: number for number, value in FINAL_ACTIONS.items()}
-
-
-def to_datetime(timestamp: Timestamp) -> datetime | None:
-    """An aware UTC datetime (microseconds; finer digits are dropped), or None if out of range."""
-    try:
-        return timestamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        return None
-
-
-def timestamp(value: datetime) -> Timestamp:
-    message = Timestamp()
-    message.FromDatetime(value)
-    return message
-
-
-def duration(value: timedelta) -> Duration:
-    message = Duration()
-    message.FromTimedelta(value)
-    return message
-
-
-def money(value: Money) -> money_pb2.Money:
-    return money_pb2.Money(amount_minor=value.amount_minor, currency=value.currency)
-
-
-def credits(value: Decimal) -> money_pb2.Credits:
-    return money_pb2.Credits(value=format_decimal(value))
 
 
 def merchant_config(config: MerchantConfig) -> resources_pb2.MerchantConfig:

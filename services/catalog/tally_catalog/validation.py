@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import resources_pb2
 from tally.common.v1 import money_pb2
-from tally_kit import amounts
+from tally_kit import amounts, protobuf
 from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import Violations
 from tally_kit.idempotency import validate_request_id
@@ -192,7 +192,7 @@ def _optional_time(violations: Violations, field: str, present: bool, value: Tim
     """None when absent (the caller's default applies) or invalid (recorded)."""
     if not present:
         return None
-    converted = mapping.to_datetime(value)
+    converted = protobuf.to_datetime(value)
     if converted is None:
         violations.add(field, "must be a valid timestamp between years 1 and 9999")
     return converted

@@ -7,13 +7,11 @@ cannot be mapped and leave the wording of the refusal to the validation layer.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
-from tally.common.v1 import money_pb2
 from tally.ledger.v1 import resources_pb2
-from tally_kit.amounts import Money, format_decimal
+from tally_kit.amounts import format_decimal
+from tally_kit.protobuf import credits, timestamp
 
 from tally_ledger.domain import (
     Account,
@@ -63,28 +61,6 @@ _LOT_SOURCE_NUMBERS = {value: number for number, value in LOT_SOURCES.items()}
 _LOT_STATE_NUMBERS = {value: number for number, value in LOT_STATES.items()}
 _ENTRY_KIND_NUMBERS = {value: number for number, value in ENTRY_KINDS.items()}
 _OPERATION_STATE_NUMBERS = {value: number for number, value in OPERATION_STATES.items()}
-
-
-def to_datetime(value: Timestamp) -> datetime | None:
-    """An aware UTC datetime (microseconds; finer digits are dropped), or None if out of range."""
-    try:
-        return value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        return None
-
-
-def timestamp(value: datetime) -> Timestamp:
-    message = Timestamp()
-    message.FromDatetime(value)
-    return message
-
-
-def money(value: Money) -> money_pb2.Money:
-    return money_pb2.Money(amount_minor=value.amount_minor, currency=value.currency)
-
-
-def credits(value: Decimal) -> money_pb2.Credits:
-    return money_pb2.Credits(value=format_decimal(value))
 
 
 def lot_source(value: LotSource) -> resources_pb2.LotSource.ValueType:

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import Message
 from tally.ledger.v1 import ledger_service_pb2 as api
 from tally.ledger.v1 import ledger_service_pb2_grpc
+from tally_kit import protobuf
 from tally_kit.db.directory import MerchantDirectory
 from tally_kit.errors import FieldViolation, InvalidArgument
 from tally_kit.uow import Mutations, Transaction
@@ -201,7 +202,7 @@ class LedgerServicer(ledger_service_pb2_grpc.LedgerServiceServicer):
             refunded = await self._ledger.apply_refund(tx, command.merchant_id, command.refund)
             return api.ApplyRefundResponse(
                 lot=mapping.lot(refunded.lot, refunded.at),
-                credits_revoked=mapping.credits(refunded.credits_revoked),
+                credits_revoked=protobuf.credits(refunded.credits_revoked),
                 entries=[mapping.entry(entry) for entry in refunded.entries],
                 account=mapping.account(refunded.account),
             )
@@ -219,7 +220,7 @@ class LedgerServicer(ledger_service_pb2_grpc.LedgerServiceServicer):
             charged_back = await self._ledger.apply_chargeback(tx, command.merchant_id, command.chargeback)
             return api.ApplyChargebackResponse(
                 lot=mapping.lot(charged_back.lot, charged_back.at),
-                credits_revoked=mapping.credits(charged_back.credits_revoked),
+                credits_revoked=protobuf.credits(charged_back.credits_revoked),
                 entries=[mapping.entry(entry) for entry in charged_back.entries],
                 account=mapping.account(charged_back.account),
             )

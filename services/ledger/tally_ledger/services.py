@@ -19,6 +19,7 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 from tally.ledger.v1 import events_pb2
+from tally_kit import protobuf
 from tally_kit.amounts import Money
 from tally_kit.db.directory import MerchantDirectory
 from tally_kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
@@ -271,7 +272,7 @@ class Ledger:
             events.LOT_ISSUED,
             events_pb2.LotIssued(
                 lot=mapping.lot(_issued(posting), now),
-                debt_settled=mapping.credits(posting.debt_settled),
+                debt_settled=protobuf.credits(posting.debt_settled),
                 account=mapping.account(posting.account),
             ),
         )
@@ -535,11 +536,11 @@ class Ledger:
                 product_id=str(order.product_id),
                 payment_id=order.payment_id or "",
                 refund_reference=refund.reference,
-                amount_refunded=mapping.money(refund.amount),
-                total_refunded=mapping.money(Money(total, order.amount_paid.currency)),
-                amount_paid=mapping.money(order.amount_paid),
+                amount_refunded=protobuf.money(refund.amount),
+                total_refunded=protobuf.money(Money(total, order.amount_paid.currency)),
+                amount_paid=protobuf.money(order.amount_paid),
                 lot_id=str(purchase.lot.lot_id),
-                credits_revoked=mapping.credits(revocation.credits_revoked),
+                credits_revoked=protobuf.credits(revocation.credits_revoked),
                 account=mapping.account(posting.account),
             ),
         )
@@ -593,10 +594,10 @@ class Ledger:
                 product_id=str(order.product_id),
                 payment_id=order.payment_id or "",
                 chargeback_reference=chargeback.reference,
-                amount=mapping.money(chargeback.amount),
-                amount_paid=mapping.money(order.amount_paid),
+                amount=protobuf.money(chargeback.amount),
+                amount_paid=protobuf.money(order.amount_paid),
                 lot_id=str(purchase.lot.lot_id),
-                credits_revoked=mapping.credits(revocation.credits_revoked),
+                credits_revoked=protobuf.credits(revocation.credits_revoked),
                 account=mapping.account(posting.account),
             ),
         )
@@ -661,7 +662,7 @@ class Ledger:
                 events.LOT_EXPIRED,
                 events_pb2.LotExpired(
                     lot=mapping.lot(lot, now),
-                    credits_expired=mapping.credits(-entry.amount),
+                    credits_expired=protobuf.credits(-entry.amount),
                     account=mapping.account(posting.account),
                 ),
             )
@@ -740,13 +741,13 @@ def _purchase_settled(
         order_id=order.order_id,
         product_id=str(order.product_id),
         product_name=product.name,
-        amount_paid=mapping.money(order.amount_paid),
+        amount_paid=protobuf.money(order.amount_paid),
         provider_reference=order.provider_reference,
         payment_id=order.payment_id or "",
         lot_id=str(lot.lot_id),
-        credits=mapping.credits(lot.credits),
-        settle_time=mapping.timestamp(now),
+        credits=protobuf.credits(lot.credits),
+        settle_time=protobuf.timestamp(now),
     )
     if lot.expires_at is not None:
-        event.expire_time.CopyFrom(mapping.timestamp(lot.expires_at))
+        event.expire_time.CopyFrom(protobuf.timestamp(lot.expires_at))
     return event

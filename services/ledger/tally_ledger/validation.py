@@ -20,7 +20,7 @@ from uuid import UUID
 from google.protobuf.timestamp_pb2 import Timestamp
 from tally.common.v1 import money_pb2
 from tally.ledger.v1 import ledger_service_pb2 as api
-from tally_kit import amounts
+from tally_kit import amounts, protobuf
 from tally_kit.amounts import Money
 from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import RuleViolation, Violations
@@ -155,7 +155,7 @@ def _optional_time(violations: Violations, field: str, present: bool, value: Tim
     """None when absent (the caller's default applies) or invalid (recorded)."""
     if not present:
         return None
-    converted = mapping.to_datetime(value)
+    converted = protobuf.to_datetime(value)
     if converted is None:
         violations.add(field, "must be a valid timestamp between years 1 and 9999")
     return converted

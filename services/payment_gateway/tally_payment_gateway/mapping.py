@@ -12,12 +12,11 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
 from decimal import Decimal
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from tally.common.v1 import money_pb2
 from tally.payment_gateway.v1 import resources_pb2
+from tally_kit.protobuf import timestamp
 
 from tally_payment_gateway import domain
 from tally_payment_gateway.domain import (
@@ -84,12 +83,6 @@ _LONG_DIGIT_RUN = re.compile(r"[0-9]{5,}")
 
 
 # --- protobuf -----------------------------------------------------------------------------
-
-
-def timestamp(value: datetime) -> Timestamp:
-    message = Timestamp()
-    message.FromDatetime(value)
-    return message
 
 
 def money(amount_minor: int, currency: str) -> money_pb2.Money:

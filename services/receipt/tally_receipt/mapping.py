@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
 from tally.common.v1.money_pb2 import Money
 from tally.receipt.v1 import resources_pb2 as res
 from tally_kit.amounts import format_decimal
+from tally_kit.protobuf import timestamp
 
 from tally_receipt.domain import Amounts, CreditNote, MerchantSnapshot, Receipt, TaxRegime
-
-
-def timestamp(instant: datetime) -> Timestamp:
-    message = Timestamp()
-    message.FromDatetime(instant)
-    return message
 
 
 def amounts(values: Amounts, currency: str) -> res.Amounts:

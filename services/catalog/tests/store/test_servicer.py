@@ -14,10 +14,11 @@ from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import resources_pb2 as res
 from tally.common.v1.event_pb2 import EventEnvelope
 from tally.common.v1.money_pb2 import Credits, Money
-from tally_catalog import events, mapping
+from tally_catalog import events
 from tally_catalog.servicer import CatalogServicer
 from tally_catalog.settings import CatalogSettings
 from tally_catalog.store import MIGRATIONS
+from tally_kit import protobuf
 from tally_kit.db.directory import MerchantDirectory
 from tally_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TallyError
 from tally_kit.uow import Mutations
@@ -273,7 +274,7 @@ async def test_prices_follow_one_another_and_offers_follow_the_clock(
             price=Money(amount_minor=amount, currency=currency),
         )
         if at is not None:
-            request.effective_time.CopyFrom(mapping.timestamp(at))
+            request.effective_time.CopyFrom(protobuf.timestamp(at))
         return request
 
     first = await servicer.ScheduleProductPrice(schedule("price-1", 990), None)
@@ -370,7 +371,7 @@ async def test_operation_type_versions_succeed_one_another(
             credits_per_unit=Credits(value=rate),
         )
         if at is not None:
-            request.effective_time.CopyFrom(mapping.timestamp(at))
+            request.effective_time.CopyFrom(protobuf.timestamp(at))
         return request
 
     unknown = await _refusal(
@@ -392,14 +393,14 @@ async def test_operation_type_versions_succeed_one_another(
 
     async def active_at(instant: datetime) -> int:
         request = api.GetActiveOperationTypeVersionRequest(merchant_id=acme, operation_code="llm.tokens")
-        request.read_time.CopyFrom(mapping.timestamp(instant))
+        request.read_time.CopyFrom(protobuf.timestamp(instant))
         return (await servicer.GetActiveOperationTypeVersion(request, None)).operation_type_version.version
 
     assert await active_at(start) == 1
     assert await active_at(switch - timedelta(microseconds=1)) == 1
     assert await active_at(switch) == 2
     before = api.GetActiveOperationTypeVersionRequest(merchant_id=acme, operation_code="llm.tokens")
-    before.read_time.CopyFrom(mapping.timestamp(start - timedelta(seconds=1)))
+    before.read_time.CopyFrom(protobuf.timestamp(start - timedelta(seconds=1)))
     not_yet = await _refusal(servicer.GetActiveOperationTypeVersion, before)
     assert isinstance(not_yet, NotFound) and not_yet.reason == "OPERATION_TYPE_NOT_ACTIVE"
 
