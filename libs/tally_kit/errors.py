@@ -14,6 +14,8 @@ from uuid import UUID
 
 import grpc
 
+from tally_kit.ids import MERCHANT_ID_PATTERN, is_valid_merchant_id
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -110,6 +112,13 @@ class Violations:
         except RuleViolation as error:
             self.add(field, str(error))
             return None
+
+    def merchant_id(self, value: str, field: str = "merchant_id") -> bool:
+        """Whether `value` is a well-formed merchant id; records why not."""
+        if not value:
+            self.add(field, "is required")
+            return False
+        return self.require(is_valid_merchant_id(value), field, f"must match {MERCHANT_ID_PATTERN.pattern}")
 
     def uuid(self, field: str, value: str) -> UUID | None:
         """A required id in the canonical form the services hand out (one spelling per resource)."""

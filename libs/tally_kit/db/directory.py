@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -33,11 +32,10 @@ from prometheus_client import Histogram
 from tally_kit.db.migrations import KIT_MIGRATIONS, MigrationSource, apply_migrations
 from tally_kit.db.pools import BoundedPools, DatabaseAddress, server_address
 from tally_kit.errors import NotFound, Violations
+from tally_kit.ids import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
-
-MERCHANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9-]{2,31}$")
 
 CONTROL_MIGRATIONS = MigrationSource("control", Path(__file__).resolve().parent / "control_migrations")
 
@@ -57,10 +55,6 @@ PROVISION_SECONDS = Histogram(
     "Time to create and migrate a merchant's database",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-
-
-def is_valid_merchant_id(value: str) -> bool:
-    return MERCHANT_ID_PATTERN.fullmatch(value) is not None
 
 
 def control_database_name(settings: ServiceSettings) -> str:

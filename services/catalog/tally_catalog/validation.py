@@ -22,7 +22,6 @@ from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import resources_pb2
 from tally.common.v1 import money_pb2
 from tally_kit import amounts, protobuf
-from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import Violations
 from tally_kit.idempotency import validate_request_id
 from tally_kit.pagination import PageRequest, read_page_request
@@ -180,12 +179,6 @@ def _passes(violations: Violations, field: str, check: Callable[[], None]) -> bo
         violations.add(field, str(error))
         return False
     return True
-
-
-def _merchant_id(violations: Violations, value: str) -> None:
-    violations.require(
-        is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
-    )
 
 
 def _optional_time(violations: Violations, field: str, present: bool, value: Timestamp) -> datetime | None:
@@ -360,7 +353,7 @@ def _config_values(
 
 def create_merchant(request: api.CreateMerchantRequest) -> CreateMerchant:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     values = None
     if request.HasField("config"):
@@ -374,7 +367,7 @@ def create_merchant(request: api.CreateMerchantRequest) -> CreateMerchant:
 
 def get_merchant(request: api.GetMerchantRequest) -> str:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     violations.raise_if_any()
     return request.merchant_id
 
@@ -382,7 +375,7 @@ def get_merchant(request: api.GetMerchantRequest) -> str:
 def update_merchant_config(request: api.UpdateMerchantConfigRequest) -> UpdateMerchantConfig:
     """The fields named by the mask (AIP-134); an empty mask names every field set in `config`."""
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     paths = list(request.update_mask.paths)
     if paths == ["*"]:
@@ -412,7 +405,7 @@ def update_merchant_config(request: api.UpdateMerchantConfigRequest) -> UpdateMe
 
 def create_product(request: api.CreateProductRequest) -> CreateProduct:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     if not request.HasField("product"):
         violations.add("product", "is required")
@@ -451,7 +444,7 @@ def create_product(request: api.CreateProductRequest) -> CreateProduct:
 
 
 def _product_ref(violations: Violations, merchant_id: str, product_id: str) -> ProductRef:
-    _merchant_id(violations, merchant_id)
+    violations.merchant_id(merchant_id)
     parsed = violations.uuid("product_id", product_id)
     violations.raise_if_any()
     assert parsed is not None
@@ -470,7 +463,7 @@ def archive_product(request: api.ArchiveProductRequest) -> ProductRef:
 
 def list_products(request: api.ListProductsRequest) -> ListProducts:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     distribution = None
     if request.distribution != resources_pb2.PRODUCT_DISTRIBUTION_UNSPECIFIED:
         distribution = _enum(violations, "distribution", request.distribution, mapping.DISTRIBUTIONS)
@@ -506,7 +499,7 @@ def list_products(request: api.ListProductsRequest) -> ListProducts:
 
 def schedule_product_price(request: api.ScheduleProductPriceRequest) -> ScheduleProductPrice:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     product_id = violations.uuid("product_id", request.product_id)
     validate_request_id(violations, request.request_id)
     amount = _money(violations, "price", request.HasField("price"), request.price)
@@ -522,7 +515,7 @@ def schedule_product_price(request: api.ScheduleProductPriceRequest) -> Schedule
 
 def list_product_prices(request: api.ListProductPricesRequest) -> ListProductPrices:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     product_id = violations.uuid("product_id", request.product_id)
     currency = _optional_currency(violations, request.currency)
     scope = {
@@ -547,7 +540,7 @@ def list_product_prices(request: api.ListProductPricesRequest) -> ListProductPri
 
 def get_offer(request: api.GetOfferRequest) -> GetOffer:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     product_id = violations.uuid("product_id", request.product_id)
     currency = _optional_currency(violations, request.currency)
     violations.raise_if_any()
@@ -557,7 +550,7 @@ def get_offer(request: api.GetOfferRequest) -> GetOffer:
 
 def list_offers(request: api.ListOffersRequest) -> ListOffers:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     currency = _optional_currency(violations, request.currency)
     scope = {"list": "offers", "merchant_id": request.merchant_id, "currency": request.currency}
     page = read_page_request(
@@ -578,7 +571,7 @@ def schedule_operation_type_version(
     request: api.ScheduleOperationTypeVersionRequest,
 ) -> ScheduleOperationTypeVersion:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     operation_code = _operation_code(violations, request.operation_code)
     validate_request_id(violations, request.request_id)
     resource_unit = violations.rule(
@@ -604,7 +597,7 @@ def schedule_operation_type_version(
 
 def get_operation_type_version(request: api.GetOperationTypeVersionRequest) -> OperationTypeVersionRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     operation_code = _operation_code(violations, request.operation_code)
     violations.require(request.version >= 1, "version", "must be 1 or more")
     violations.raise_if_any()
@@ -618,7 +611,7 @@ def get_active_operation_type_version(
     request: api.GetActiveOperationTypeVersionRequest,
 ) -> GetActiveOperationTypeVersion:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     operation_code = _operation_code(violations, request.operation_code)
     read_at = _optional_time(violations, "read_time", request.HasField("read_time"), request.read_time)
     violations.raise_if_any()
@@ -630,7 +623,7 @@ def get_active_operation_type_version(
 
 def list_operation_type_versions(request: api.ListOperationTypeVersionsRequest) -> ListOperationTypeVersions:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     operation_code = None
     if request.operation_code != EVERY_OPERATION_CODE:
         operation_code = _operation_code(violations, request.operation_code)
@@ -692,7 +685,7 @@ def _dunning(
 
 def create_subscription_plan(request: api.CreateSubscriptionPlanRequest) -> CreateSubscriptionPlan:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     if not request.HasField("subscription_plan"):
         violations.add("subscription_plan", "is required")
@@ -728,7 +721,7 @@ def create_subscription_plan(request: api.CreateSubscriptionPlanRequest) -> Crea
 
 def get_subscription_plan(request: api.GetSubscriptionPlanRequest) -> PlanRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     plan_id = violations.uuid("plan_id", request.plan_id)
     violations.raise_if_any()
     assert plan_id is not None
@@ -737,7 +730,7 @@ def get_subscription_plan(request: api.GetSubscriptionPlanRequest) -> PlanRef:
 
 def list_subscription_plans(request: api.ListSubscriptionPlansRequest) -> ListSubscriptionPlans:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     scope = {"list": "subscription_plans", "merchant_id": request.merchant_id}
     page = read_page_request(
         violations,

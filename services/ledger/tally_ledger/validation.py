@@ -22,7 +22,6 @@ from tally.common.v1 import money_pb2
 from tally.ledger.v1 import ledger_service_pb2 as api
 from tally_kit import amounts, protobuf
 from tally_kit.amounts import Money
-from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import RuleViolation, Violations
 from tally_kit.idempotency import validate_request_id
 from tally_kit.pagination import PageRequest, read_page_request
@@ -132,12 +131,6 @@ class GetLedgerHistory:
 # are absent are also None where the helper says so).
 
 
-def _merchant_id(violations: Violations, value: str) -> None:
-    violations.require(
-        is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
-    )
-
-
 def _user_id(violations: Violations, value: str) -> str | None:
     return violations.rule("user_id", lambda: domain.check_user_id(value))
 
@@ -208,7 +201,7 @@ def _optional_workflow_id(violations: Violations, value: str) -> str | None:
 
 def register_user(request: api.RegisterUserRequest) -> UserRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     violations.raise_if_any()
@@ -218,7 +211,7 @@ def register_user(request: api.RegisterUserRequest) -> UserRef:
 
 def settle_purchase(request: api.SettlePurchaseRequest) -> SettlePurchase:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     order_id = violations.rule("order_id", lambda: domain.check_external_id(request.order_id))
     user_id = _user_id(violations, request.user_id)
@@ -257,7 +250,7 @@ def _grant_source(violations: Violations, number: int, *, required: bool) -> Lot
 
 def grant_credits(request: api.GrantCreditsRequest) -> GrantCredits:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     grant_key = violations.rule("grant_key", lambda: domain.check_grant_key(request.grant_key))
@@ -302,7 +295,7 @@ def grant_credits(request: api.GrantCreditsRequest) -> GrantCredits:
 
 def open_operation(request: api.OpenOperationRequest) -> OpenOperation:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     operation_code = _operation_code(violations, request.operation_code)
@@ -319,7 +312,7 @@ def open_operation(request: api.OpenOperationRequest) -> OpenOperation:
 
 def record_and_close_operation(request: api.RecordAndCloseOperationRequest) -> RecordAndCloseOperation:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     operation_id = violations.uuid("operation_id", request.operation_id)
     resource_amount = None
@@ -338,7 +331,7 @@ def record_and_close_operation(request: api.RecordAndCloseOperationRequest) -> R
 
 def cancel_operation(request: api.CancelOperationRequest) -> OperationRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     operation_id = violations.uuid("operation_id", request.operation_id)
     violations.raise_if_any()
@@ -348,7 +341,7 @@ def cancel_operation(request: api.CancelOperationRequest) -> OperationRef:
 
 def get_operation(request: api.GetOperationRequest) -> OperationRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     operation_id = violations.uuid("operation_id", request.operation_id)
     violations.raise_if_any()
     assert operation_id is not None
@@ -360,7 +353,7 @@ def get_operation(request: api.GetOperationRequest) -> OperationRef:
 
 def apply_refund(request: api.ApplyRefundRequest) -> ApplyRefund:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     order_id = violations.rule("order_id", lambda: domain.check_external_id(request.order_id))
     reference = _text(violations, "refund_reference", request.refund_reference, domain.MAX_REFERENCE_LENGTH)
@@ -380,7 +373,7 @@ def apply_refund(request: api.ApplyRefundRequest) -> ApplyRefund:
 
 def apply_chargeback(request: api.ApplyChargebackRequest) -> ApplyChargeback:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     order_id = violations.rule("order_id", lambda: domain.check_external_id(request.order_id))
     reference = _text(
@@ -402,7 +395,7 @@ def _nonzero_credits(text: str) -> Decimal:
 
 def apply_adjustment(request: api.ApplyAdjustmentRequest) -> ApplyAdjustment:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     amount = None
@@ -425,7 +418,7 @@ def apply_adjustment(request: api.ApplyAdjustmentRequest) -> ApplyAdjustment:
 
 def get_balance(request: api.GetBalanceRequest) -> GetBalance:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     user_id = _user_id(violations, request.user_id)
     read_at = _optional_time(violations, "read_time", request.HasField("read_time"), request.read_time)
     violations.raise_if_any()
@@ -435,7 +428,7 @@ def get_balance(request: api.GetBalanceRequest) -> GetBalance:
 
 def list_lots(request: api.ListLotsRequest) -> ListLots:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     user_id = _user_id(violations, request.user_id)
     states = _enum_list(violations, "states", request.states, mapping.LOT_STATES)
     scope = {
@@ -458,7 +451,7 @@ def list_lots(request: api.ListLotsRequest) -> ListLots:
 
 def get_ledger_history(request: api.GetLedgerHistoryRequest) -> GetLedgerHistory:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     user_id = _user_id(violations, request.user_id)
     kinds = _enum_list(violations, "kinds", request.kinds, mapping.ENTRY_KINDS)
     start = _optional_time(violations, "start_time", request.HasField("start_time"), request.start_time)

@@ -29,7 +29,6 @@ from tally.common.v1 import money_pb2
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally_kit import amounts
 from tally_kit.amounts import Money
-from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import FieldViolation, InvalidArgument, Violations
 from tally_kit.idempotency import validate_request_id
 from tally_kit.pagination import PageRequest, read_page_request
@@ -210,12 +209,6 @@ def _carries_unknown_fields(message: Message) -> bool:
 # --- field helpers ------------------------------------------------------------------------
 
 
-def _merchant_id(violations: Violations, value: str) -> None:
-    violations.require(
-        is_valid_merchant_id(value), "merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}"
-    )
-
-
 def _pattern(
     violations: Violations, field: str, value: str, pattern: re.Pattern[str], description: str
 ) -> str:
@@ -270,7 +263,7 @@ def _optional_money(
 def charge(request: api.PurchaseRequest | api.AuthorizeRequest) -> Charge:
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     order_id = _order_id(violations, request.order_id)
@@ -325,7 +318,7 @@ def _payment_source(
 def capture(request: api.CaptureRequest) -> Capture:
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     payment_id = violations.uuid("payment_id", request.payment_id)
     amount = _optional_money(violations, "amount", request.HasField("amount"), request.amount)
@@ -337,7 +330,7 @@ def capture(request: api.CaptureRequest) -> Capture:
 def void(request: api.VoidRequest) -> Void:
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     payment_id = violations.uuid("payment_id", request.payment_id)
     violations.raise_if_any()
@@ -348,7 +341,7 @@ def void(request: api.VoidRequest) -> Void:
 def refund(request: api.RefundRequest) -> Refund:
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     payment_id = violations.uuid("payment_id", request.payment_id)
     amount = _optional_money(violations, "amount", request.HasField("amount"), request.amount)
@@ -361,7 +354,7 @@ def refund(request: api.RefundRequest) -> Refund:
 def get_payment(request: api.GetPaymentRequest) -> PaymentRef:
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     payment_id = violations.uuid("payment_id", request.payment_id)
     violations.raise_if_any()
     assert payment_id is not None
@@ -371,7 +364,7 @@ def get_payment(request: api.GetPaymentRequest) -> PaymentRef:
 def list_payments(request: api.ListPaymentsRequest) -> ListPayments:
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     user_id = _user_id(violations, request.user_id) if request.user_id else None
     order_id = _order_id(violations, request.order_id) if request.order_id else None
     state = None
@@ -405,7 +398,7 @@ def save_payment_method(
     """`check_saved_token` is the provider's: RuleViolation unless the token has its form."""
     refuse_card_data(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     validate_request_id(violations, request.request_id)
     user_id = _user_id(violations, request.user_id)
     token = _text(violations, "provider_token", request.provider_token, MAX_SAVED_TOKEN_LENGTH)
@@ -427,7 +420,7 @@ def provider_webhook(request: api.HandleProviderWebhookRequest) -> ProviderWebho
     # every delivery.
     _refuse_unknown_fields(request)
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     violations.require(request.provider == PROVIDER_NAME, "provider", f"must be {PROVIDER_NAME}")
     body = request.body.data
     if violations.require(bool(body), "body", "is required"):

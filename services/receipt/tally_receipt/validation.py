@@ -19,7 +19,6 @@ from tally.ledger.v1 import events_pb2 as ledger_events
 from tally.receipt.v1 import receipt_service_pb2 as api
 from tally_kit import amounts
 from tally_kit.amounts import Money
-from tally_kit.db.directory import MERCHANT_ID_PATTERN, is_valid_merchant_id
 from tally_kit.errors import RuleViolation, Violations
 from tally_kit.pagination import PageRequest, read_page_request
 from tally_kit.text import check_text
@@ -111,7 +110,7 @@ def refund(envelope: EventEnvelope, event: ledger_events.RefundApplied) -> Refun
 
 def receipt_ref(request: api.GetReceiptRequest | api.RenderReceiptPdfRequest) -> ReceiptRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     receipt_id = _uuid(violations, "receipt_id", request.receipt_id)
     violations.raise_if_any()
     assert receipt_id is not None
@@ -120,7 +119,7 @@ def receipt_ref(request: api.GetReceiptRequest | api.RenderReceiptPdfRequest) ->
 
 def credit_note_ref(request: api.RenderCreditNotePdfRequest) -> CreditNoteRef:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     credit_note_id = _uuid(violations, "credit_note_id", request.credit_note_id)
     violations.raise_if_any()
     assert credit_note_id is not None
@@ -129,7 +128,7 @@ def credit_note_ref(request: api.RenderCreditNotePdfRequest) -> CreditNoteRef:
 
 def list_receipts(request: api.ListReceiptsRequest) -> ListReceipts:
     violations = Violations()
-    _merchant_id(violations, request.merchant_id)
+    violations.merchant_id(request.merchant_id)
     _pattern(violations, "user_id", request.user_id, USER_ID_PATTERN)
     page = read_page_request(
         violations,
@@ -143,13 +142,6 @@ def list_receipts(request: api.ListReceiptsRequest) -> ListReceipts:
 
 
 # --- fields ---------------------------------------------------------------------------------
-
-
-def _merchant_id(violations: Violations, value: str) -> None:
-    if not value:
-        violations.add("merchant_id", "is required")
-    elif not is_valid_merchant_id(value):
-        violations.add("merchant_id", f"must match {MERCHANT_ID_PATTERN.pattern}")
 
 
 def _same_merchant(violations: Violations, envelope: EventEnvelope, merchant_id: str) -> None:
