@@ -63,3 +63,32 @@ def load_settings(module: str, environment: dict[str, str]) -> dict[str, Any]:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+# Runs in the project's virtual environment: what the HTTP gateway routes with its default settings.
+_GATEWAY_ROUTING = """
+import json
+from tally_gateway.app import build_app
+from tally_gateway.routes import EDGE_ALIASES
+gateway = build_app().state.gateway
+print(json.dumps({
+    "routed_services": sorted({route.rpc.service for route in gateway.routing.routes}),
+    "readiness_services": list(gateway.readiness_services),
+    "edge_aliases": {alias.name: alias.path for alias in EDGE_ALIASES},
+}))
+"""
+
+
+def gateway_routing() -> dict[str, Any]:
+    """The gRPC services the HTTP gateway routes to, those its /readyz asks by default, and
+    the paths of its edge aliases by name (e.g. authorizeNet)."""
+    result = subprocess.run(
+        [str(PROJECT_PYTHON), "-c", _GATEWAY_ROUTING],
+        env={"PATH": os.environ.get("PATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

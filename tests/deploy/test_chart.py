@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from .conftest import ALERT_RULES, CHART, DASHBOARDS, load_settings, settings_fields
+from .conftest import ALERT_RULES, CHART, DASHBOARDS, gateway_routing, load_settings, settings_fields
 
 helm = pytest.importorskip("helm_python", reason="needs the deploy toolchain: run scripts/validate_deploy.sh")
 yaml = pytest.importorskip("yaml", reason="needs the deploy toolchain: run scripts/validate_deploy.sh")
@@ -37,13 +38,27 @@ KUBERNETES_VERSIONS = ["1.27.0", kubernetes_validate.latest_version() + ".0"]
 SECRET_SETTINGS = ("PG_PASSWORD", "AMQP_URL", "JWT_SECRET")
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
-PAYMENT_GATEWAY = {
+# A service block added to the chart: a copy of the catalog's under another name.
+NEW_SERVICE = {
     **copy.deepcopy(DEFAULTS["services"]["catalog"]),
-    "module": "tally_payment_gateway",
-    "envPrefix": "PAYMENT_GATEWAY_",
-    "grpcPort": 50053,
-    "metricsPort": 9103,
+    "module": "tally_loyalty",
+    "envPrefix": "LOYALTY_",
+    "grpcPort": 50055,
+    "metricsPort": 9105,
+    "grpcTargets": {"CATALOG_TARGET": "catalog"},
     "secretEnv": {"PSP_API_KEY": {"name": "tally-psp", "key": "api-key"}},
+}
+INGRESS = {
+    "enabled": True,
+    "className": "nginx",
+    "annotations": {"cert-manager.io/cluster-issuer": "letsencrypt"},
+    "hosts": [
+        {
+            "host": "api.tally.example",
+            "paths": [{"path": "/v1", "pathType": "Prefix"}, {"path": "/docs", "pathType": "Exact"}],
+        }
+    ],
+    "tls": [{"secretName": "tally-api-tls", "hosts": ["api.tally.example"]}],
 }
 # Every optional feature switched on or to its other branch.
 FULL = {
@@ -82,18 +97,21 @@ FULL = {
                 }
             },
         },
-        "paymentGateway": {
-            **PAYMENT_GATEWAY,
-            "autoscaling": {**PAYMENT_GATEWAY["autoscaling"], "targetMemoryUtilizationPercentage": 80},
+        "paymentGateway": {"autoscaling": {"targetMemoryUtilizationPercentage": 80}},
+        "gateway": {
+            "autoscaling": {"enabled": False},
+            "env": {"RATE_LIMIT_TOKEN_PER_SECOND": "20", "RATE_LIMIT_TOKEN_BURST": "40"},
+            "ingress": INGRESS,
         },
     },
 }
+# The catalog alone: every service that calls another switched off with it.
+CATALOG_ONLY = {"services": {key: {"enabled": False} for key in DEFAULTS["services"] if key != "catalog"}}
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "two-services": {"services": {"paymentGateway": PAYMENT_GATEWAY}},
+    "new-service": {"services": {"loyalty": NEW_SERVICE}},
     "full": FULL,
-    # The chart's own payment gateway block, switched on.
-    "payment-gateway": {"services": {"paymentGateway": {"enabled": True}}},
+    "catalog-only": CATALOG_ONLY,
 }
 # What the payment gateway's Secrets hold, in the format its settings read.
 PAYMENT_GATEWAY_SECRETS = {
@@ -152,6 +170,27 @@ def _component(manifest: Manifest) -> str:
     return manifest["metadata"]["labels"]["app.kubernetes.io/component"]
 
 
+def _kebab(key: str) -> str:
+    return "".join(f"-{char.lower()}" if char.isupper() else char for char in key)
+
+
+def _enabled_blocks(scenario: str) -> dict[str, dict[str, Any]]:
+    """The scenario's enabled service blocks by object name (tally-<service>)."""
+    values = _merge(DEFAULTS, SCENARIOS[scenario])
+    return {
+        f"{RELEASE}-{_kebab(key)}": block for key, block in values["services"].items() if block["enabled"]
+    }
+
+
+def _container(manifest: Manifest) -> dict[str, Any]:
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in _container(manifest)["env"]}
+
+
 def test_helm_lint_strict_reports_no_warning_or_error() -> None:
     report = helm.lint(str(CHART), strict=True)
     problems = [message for message in report["messages"] if message["severity"] >= 2]
@@ -181,42 +220,56 @@ def test_every_object_carries_the_standard_labels(
 
 
 def test_a_new_service_block_brings_its_whole_set_of_objects(render: Callable[[str], list[Manifest]]) -> None:
-    manifests = render("two-services")
+    manifests = render("new-service")
     for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"):
-        assert set(_of_kind(manifests, kind)) == {"tally-catalog", "tally-payment-gateway"}, kind
-    assert set(_of_kind(manifests, "Job")) == {"tally-catalog-migrate", "tally-payment-gateway-migrate"}
-    deployment = _of_kind(manifests, "Deployment")["tally-payment-gateway"]
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "-m", "tally_payment_gateway"]
-    env = {item["name"]: item for item in container["env"]}
-    assert env["PAYMENT_GATEWAY_GRPC_PORT"]["value"] == "50053"
-    assert env["PAYMENT_GATEWAY_PSP_API_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "tally-psp",
-        "key": "api-key",
+        assert "tally-loyalty" in _of_kind(manifests, kind), kind
+    assert "tally-loyalty-migrate" in _of_kind(manifests, "Job")
+    deployment = _of_kind(manifests, "Deployment")["tally-loyalty"]
+    assert _container(deployment)["command"] == ["python", "-m", "tally_loyalty"]
+    env = _env(deployment)
+    assert env["LOYALTY_GRPC_PORT"]["value"] == "50055"
+    assert env["LOYALTY_CATALOG_TARGET"]["value"] == "tally-catalog:50051"
+    assert env["LOYALTY_PSP_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "tally-psp", "key": "api-key"}
+
+
+def test_every_service_in_the_default_values_is_deployed(render: Callable[[str], list[Manifest]]) -> None:
+    assert all(block["enabled"] for block in DEFAULTS["services"].values())
+    names = {f"tally-{_kebab(key)}" for key in DEFAULTS["services"]}
+    assert set(_of_kind(render("defaults"), "Deployment")) == names
+    assert names == {
+        "tally-catalog",
+        "tally-ledger",
+        "tally-receipt",
+        "tally-payment-gateway",
+        "tally-gateway",
     }
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_deployments_probe_grpc_health_limit_resources_and_run_as_non_root(
+def test_deployments_probe_health_limit_resources_and_run_as_non_root(
     render: Callable[[str], list[Manifest]], scenario: str
 ) -> None:
-    values = _merge(DEFAULTS, SCENARIOS[scenario])
+    blocks = _enabled_blocks(scenario)
     deployments = _of_kind(render(scenario), "Deployment")
-    assert deployments
-    for deployment in deployments.values():
-        block = next(
-            block
-            for key, block in values["services"].items()
-            if deployment["metadata"]["name"] == f"tally-{_kebab(key)}"
-        )
+    assert set(deployments) == set(blocks)
+    for name, deployment in deployments.items():
+        block = blocks[name]
         pod = deployment["spec"]["template"]["spec"]
-        (container,) = pod["containers"]
-        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-            assert container[probe]["grpc"] == {"port": block["grpcPort"]}, probe
-        assert {port["name"]: port["containerPort"] for port in container["ports"]} == {
-            "grpc": block["grpcPort"],
-            "metrics": block["metricsPort"],
-        }
+        container = _container(deployment)
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        if block["kind"] == "http":
+            assert ports == {"http": block["httpPort"]}
+            paths = block["httpProbes"]
+            for probe, path in (
+                ("startupProbe", paths["livenessPath"]),
+                ("livenessProbe", paths["livenessPath"]),
+                ("readinessProbe", paths["readinessPath"]),
+            ):
+                assert container[probe]["httpGet"] == {"path": path, "port": "http"}, (name, probe)
+        else:
+            assert ports == {"grpc": block["grpcPort"], "metrics": block["metricsPort"]}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                assert container[probe]["grpc"] == {"port": block["grpcPort"]}, (name, probe)
         assert set(container["resources"]) == {"requests", "limits"}
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["automountServiceAccountToken"] is False
@@ -226,8 +279,118 @@ def test_deployments_probe_grpc_health_limit_resources_and_run_as_non_root(
         assert ("replicas" in deployment["spec"]) is not block["autoscaling"]["enabled"]
 
 
-def _kebab(key: str) -> str:
-    return "".join(f"-{char.lower()}" if char.isupper() else char for char in key)
+def test_the_http_gateway_is_probed_over_http_and_served_on_its_http_port(
+    render: Callable[[str], list[Manifest]],
+) -> None:
+    manifests = render("defaults")
+    deployment = _of_kind(manifests, "Deployment")["tally-gateway"]
+    container = _container(deployment)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert "grpc" not in container["livenessProbe"]
+    (port,) = _of_kind(manifests, "Service")["tally-gateway"]["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"], port["appProtocol"]) == (
+        "http",
+        8080,
+        "http",
+        "http",
+    )
+    (endpoint,) = _of_kind(manifests, "ServiceMonitor")["tally-gateway"]["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    env = _env(deployment)
+    assert env["GATEWAY_HTTP_PORT"]["value"] == "8080"
+    # It reaches neither PostgreSQL nor RabbitMQ, so it is given neither credential.
+    assert not [name for name in env if "_PG_" in name or "AMQP" in name or name.endswith("GRPC_PORT")]
+    assert "tally-gateway-migrate" not in _of_kind(manifests, "Job")
+    assert not _of_kind(manifests, "Ingress"), "the Ingress is off by default"
+
+
+def test_the_gateway_ingress_routes_its_hosts_to_the_gateway_service(
+    render: Callable[[str], list[Manifest]],
+) -> None:
+    manifests = render("full")
+    (ingress,) = _of_kind(manifests, "Ingress").values()
+    assert ingress["metadata"]["name"] == "tally-gateway"
+    assert ingress["metadata"]["annotations"] == INGRESS["annotations"]
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == INGRESS["tls"]
+    (rule,) = spec["rules"]
+    assert rule["host"] == "api.tally.example"
+    assert [(path["path"], path["pathType"]) for path in rule["http"]["paths"]] == [
+        ("/v1", "Prefix"),
+        ("/docs", "Exact"),
+    ]
+    service = _of_kind(manifests, "Service")["tally-gateway"]
+    for path in rule["http"]["paths"]:
+        assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+        assert path["backend"]["service"]["port"]["name"] in {
+            port["name"] for port in service["spec"]["ports"]
+        }
+
+
+def test_the_default_ingress_paths_keep_metrics_and_health_inside_the_cluster() -> None:
+    paths = [
+        path["path"] for host in DEFAULTS["services"]["gateway"]["ingress"]["hosts"] for path in host["paths"]
+    ]
+    assert "/" not in paths
+    assert not any(path.startswith(("/metrics", "/healthz", "/readyz")) for path in paths)
+    assert "/v1" in paths, "the API and the provider webhooks are under /v1"
+
+
+def test_services_reach_each_other_through_the_services_dns_names(
+    render: Callable[[str], list[Manifest]],
+) -> None:
+    manifests = render("defaults")
+    services = _of_kind(manifests, "Service")
+    deployments = _of_kind(manifests, "Deployment")
+
+    def address(key: str) -> str:
+        name = f"tally-{_kebab(key)}"
+        (grpc,) = [port for port in services[name]["spec"]["ports"] if port["name"] == "grpc"]
+        return f"{name}:{grpc['port']}"
+
+    for key, block in DEFAULTS["services"].items():
+        env = _env(deployments[f"tally-{_kebab(key)}"])
+        for setting, target in block.get("grpcTargets", {}).items():
+            assert env[f"{block['envPrefix']}{setting}"]["value"] == address(target)
+    upstreams = json.loads(_env(deployments["tally-gateway"])["GATEWAY_UPSTREAMS"]["value"])
+    assert upstreams == {
+        service: address(target) for service, target in DEFAULTS["services"]["gateway"]["upstreams"].items()
+    }
+    assert _env(deployments["tally-ledger"])["LEDGER_CATALOG_TARGET"]["value"] == "tally-catalog:50051"
+    assert _env(deployments["tally-receipt"])["RECEIPT_CATALOG_TARGET"]["value"] == "tally-catalog:50051"
+
+
+def test_the_gateway_has_an_upstream_for_every_service_it_routes_to() -> None:
+    routing = gateway_routing()
+    assert set(DEFAULTS["services"]["gateway"]["upstreams"]) == set(routing["routed_services"])
+    # Without GATEWAY_READINESS_SERVICES, /readyz asks every routed service.
+    assert set(routing["readiness_services"]) == set(routing["routed_services"])
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"services": {"catalog": {"enabled": False}}}, "grpcTargets.CATALOG_TARGET"),
+        ({"services": {"receipt": {"enabled": False}}}, "upstreams[tally.receipt.v1.ReceiptService]"),
+        (
+            {"services": {"gateway": {"upstreams": {"tally.ledger.v1.LedgerService": "gateway"}}}},
+            "upstreams[tally.ledger.v1.LedgerService]",
+        ),
+        (
+            {"services": {"ledger": {"grpcTargets": {"CATALOG_TARGET": "catalogue"}}}},
+            "grpcTargets.CATALOG_TARGET",
+        ),
+    ],
+)
+def test_a_target_that_is_no_enabled_grpc_service_fails_the_render(
+    chart: Any, override: dict[str, Any], named: str
+) -> None:
+    values = _merge(DEFAULTS, override)
+    chart.validate_schema(values)
+    with pytest.raises(helm.HelmRenderError, match=re.escape(named)):
+        chart.render(values, name=RELEASE, namespace="tally", is_install=True)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -235,44 +398,63 @@ def test_credentials_are_only_ever_secret_references(
     render: Callable[[str], list[Manifest]], scenario: str
 ) -> None:
     manifests = render(scenario)
+    blocks = _enabled_blocks(scenario)
     assert not _of_kind(manifests, "Secret"), "the chart never creates Secrets"
     for kind in ("Deployment", "Job"):
-        for manifest in _of_kind(manifests, kind).values():
-            env = {
-                item["name"]: item for item in manifest["spec"]["template"]["spec"]["containers"][0]["env"]
-            }
-            for name, item in env.items():
-                if any(name.endswith(setting) for setting in SECRET_SETTINGS):
-                    assert "value" not in item and "secretKeyRef" in item["valueFrom"], name
-            prefix = next(name for name in env if name.endswith("GRPC_PORT")).removesuffix("GRPC_PORT")
-            assert {f"{prefix}PG_PASSWORD", f"{prefix}AMQP_URL"} <= set(env)
+        for name, manifest in _of_kind(manifests, kind).items():
+            block = blocks[name.removesuffix("-migrate")]
+            prefix = block["envPrefix"]
+            env = _env(manifest)
+            for variable, item in env.items():
+                secret = any(variable.endswith(setting) for setting in SECRET_SETTINGS)
+                if secret or variable.removeprefix(prefix) in block.get("secretEnv", {}):
+                    assert "value" not in item and "secretKeyRef" in item["valueFrom"], variable
+            assert (f"{prefix}PG_PASSWORD" in env) is block["usesPostgres"], name
+            assert (f"{prefix}AMQP_URL" in env) is block["usesRabbitmq"], name
 
 
 @pytest.mark.parametrize("scenario", ["defaults", "full"])
-def test_the_catalog_parses_the_environment_the_chart_gives_it(
+def test_every_service_parses_the_environment_the_chart_gives_it(
     render: Callable[[str], list[Manifest]], scenario: str
 ) -> None:
     values = _merge(DEFAULTS, SCENARIOS[scenario])
-    deployment = _of_kind(render(scenario), "Deployment")["tally-catalog"]
-    fields = settings_fields("tally_catalog")
-    environment = {}
-    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
-        assert item["name"].removeprefix("CATALOG_").lower() in fields, f"{item['name']} matches no setting"
-        environment[item["name"]] = item.get("value", "value-from-a-secret")
-    settings = load_settings("tally_catalog", environment)
-    assert (settings["grpc_port"], settings["metrics_port"]) == (50051, 9101)
-    assert settings["jwt_algorithms"] == values["jwt"]["algorithms"]
-    assert settings["version"] == (
-        values["image"]["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-    )
-    assert settings["pg_host"] == values["postgres"]["host"]
+    blocks = _enabled_blocks(scenario)
+    for name, deployment in _of_kind(render(scenario), "Deployment").items():
+        block = blocks[name]
+        prefix = block["envPrefix"]
+        fields = settings_fields(block["module"])
+        environment = {}
+        for item in _container(deployment)["env"]:
+            setting = item["name"].removeprefix(prefix)
+            assert setting.lower() in fields, f"{item['name']} matches no setting of {block['module']}"
+            # A value from a Secret in the format the setting reads.
+            environment[item["name"]] = item.get(
+                "value", PAYMENT_GATEWAY_SECRETS.get(setting, "from-a-secret")
+            )
+        settings = load_settings(block["module"], environment)
+        if block["kind"] == "http":
+            assert settings["http_port"] == block["httpPort"], name
+        else:
+            ports = (settings["grpc_port"], settings["metrics_port"])
+            assert ports == (block["grpcPort"], block["metricsPort"]), name
+        assert settings["jwt_algorithms"] == values["jwt"]["algorithms"], name
+        assert settings["version"] == (
+            values["image"]["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+        )
+        if block["usesPostgres"]:
+            assert settings["pg_host"] == values["postgres"]["host"], name
+        for setting, target in block.get("grpcTargets", {}).items():
+            assert (
+                settings[setting.lower()]
+                == f"tally-{_kebab(target)}:{values['services'][target]['grpcPort']}"
+            )
 
 
 def test_the_payment_gateway_parses_the_environment_the_chart_gives_it(
     render: Callable[[str], list[Manifest]],
 ) -> None:
     block = DEFAULTS["services"]["paymentGateway"]
-    deployment = _of_kind(render("payment-gateway"), "Deployment")["tally-payment-gateway"]
+    deployment = _of_kind(render("defaults"), "Deployment")["tally-payment-gateway"]
     fields = settings_fields("tally_payment_gateway")
     environment = {}
     for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
@@ -315,7 +497,9 @@ def test_migrations_run_as_a_pre_install_and_pre_upgrade_hook(
 ) -> None:
     manifests = render(scenario)
     jobs = _of_kind(manifests, "Job")
-    assert set(jobs) == {f"{name}-migrate" for name in _of_kind(manifests, "Deployment")}
+    assert set(jobs) == {
+        f"{name}-migrate" for name, block in _enabled_blocks(scenario).items() if block["migrate"]
+    }
     for job in jobs.values():
         annotations = job["metadata"]["annotations"]
         assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -400,6 +584,11 @@ def test_monitoring_objects_can_be_switched_off(chart: Any) -> None:
     assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job"}
 
 
+def _without(block: dict[str, Any], key: str) -> dict[str, Any]:
+    # Only a new block can lack a key: Helm fills a default block's keys back in.
+    return {name: value for name, value in block.items() if name != key}
+
+
 @pytest.mark.parametrize(
     ("override", "why"),
     [
@@ -424,9 +613,54 @@ def test_monitoring_objects_can_be_switched_off(chart: Any) -> None:
         ({"services": {"catalog": {"envPrefix": "catalog"}}}, "a prefix the settings class cannot have"),
         ({"services": {"catalog": {"grpcPort": 70000}}}, "a port out of range"),
         ({"services": {"catalog": {"replicas": 3}}}, "a misspelt key"),
-        ({"services": {"payment-gateway": PAYMENT_GATEWAY}}, "a service key that is not camelCase"),
+        (
+            {"services": {"paymentGateway": {"env": {"AUTHORIZE_NET_ACCOUNTS": '{"acme": {}}'}}}},
+            "provider accounts passed as a plain setting",
+        ),
+        (
+            {"services": {"ledger": {"env": {"SERVICE_TOKEN": "eyJ..."}}}},
+            "a service token as a plain setting",
+        ),
+        ({"services": {"loyalty-points": NEW_SERVICE}}, "a service key that is not camelCase"),
+        ({"services": {"ledger": {"kind": "tcp"}}}, "a kind of service the templates do not know"),
+        ({"services": {"gateway": {"grpcPort": 50057}}}, "an HTTP service with a gRPC port"),
+        ({"services": {"catalog": {"httpPort": 8081}}}, "a gRPC service with an HTTP port"),
+        ({"services": {"loyalty": _without(NEW_SERVICE, "grpcPort")}}, "a gRPC service without its port"),
+        (
+            {"services": {"edge": _without(DEFAULTS["services"]["gateway"], "httpProbes")}},
+            "an HTTP service without its probe paths",
+        ),
+        (
+            {"services": {"gateway": {"httpProbes": {"readinessPath": "readyz"}}}},
+            "a probe path without its /",
+        ),
+        ({"services": {"ledger": {"ingress": {"enabled": False}}}}, "an Ingress for a gRPC service"),
+        ({"services": {"gateway": {"ingress": {"enabled": True, "hosts": []}}}}, "an Ingress without a host"),
+        ({"services": {"ledger": {"usesPostgres": False}}}, "migrations for a service without a database"),
+        (
+            {"services": {"loyalty": _without(NEW_SERVICE, "dbMaxConnections")}},
+            "a service using PostgreSQL without its connection ceiling",
+        ),
+        (
+            {"services": {"ledger": {"grpcTargets": {"CATALOG_TARGET": "catalog:50051"}}}},
+            "an address for a block",
+        ),
+        (
+            {"services": {"gateway": {"upstreams": {"catalog": "catalog"}}}},
+            "an upstream that is no gRPC service",
+        ),
     ],
 )
 def test_schema_refuses(chart: Any, override: dict[str, Any], why: str) -> None:
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(_merge(DEFAULTS, override))
+
+
+def test_schema_accepts_settings_whose_names_only_look_secret(chart: Any) -> None:
+    # The gateway's rate limits are per token and keep many keys: numbers, not credentials.
+    limits = {
+        "RATE_LIMIT_TOKEN_PER_SECOND": "20",
+        "RATE_LIMIT_TOKEN_BURST": "40",
+        "RATE_LIMIT_MAX_KEYS": "1000",
+    }
+    chart.validate_schema(_merge(DEFAULTS, {"services": {"gateway": {"env": limits}}}))

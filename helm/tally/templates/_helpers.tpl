@@ -56,6 +56,24 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ include "tally.component" . }}
 {{- end -}}
 
+{{/*
+In-cluster gRPC address of the service block named `.target` (<release>-<service>:<grpcPort>),
+for a setting `.setting` of the service `.key`; fails the render when that block is not an
+enabled gRPC service, rather than leaving the caller pointed at nothing.
+*/}}
+{{- define "tally.grpcAddress" -}}
+{{- $target := index .root.Values.services .target -}}
+{{- if not (and $target $target.enabled (eq $target.kind "grpc")) -}}
+{{- fail (printf "services.%s.%s names %q, which is not an enabled gRPC service block" .key .setting .target) -}}
+{{- end -}}
+{{- printf "%s:%v" (include "tally.componentFullname" (dict "root" .root "key" .target)) $target.grpcPort -}}
+{{- end -}}
+
+{{/* Name of the port Prometheus scrapes: gRPC services have a metrics port, HTTP services serve /metrics on theirs. */}}
+{{- define "tally.metricsPortName" -}}
+{{- if eq .kind "http" }}http{{ else }}metrics{{ end -}}
+{{- end -}}
+
 {{- define "tally.image" -}}
 {{- printf "%s:%s" .Values.image.repository (include "tally.imageTag" .) -}}
 {{- end -}}
@@ -66,19 +84,26 @@ Settings of one service, as the environment variables its settings class reads
 */}}
 {{- define "tally.env" -}}
 {{- $root := .root -}}
+{{- $key := .key -}}
 {{- $svc := .svc -}}
 {{- $prefix := $svc.envPrefix -}}
 {{- $values := $root.Values -}}
 - name: {{ $prefix }}VERSION
   value: {{ include "tally.imageTag" $root | quote }}
+{{- if eq $svc.kind "http" }}
+- name: {{ $prefix }}HTTP_PORT
+  value: {{ $svc.httpPort | quote }}
+{{- else }}
 - name: {{ $prefix }}GRPC_PORT
   value: {{ $svc.grpcPort | quote }}
 - name: {{ $prefix }}METRICS_PORT
   value: {{ $svc.metricsPort | quote }}
+{{- end }}
 - name: {{ $prefix }}SHUTDOWN_GRACE_SECONDS
   value: {{ $svc.shutdownGraceSeconds | quote }}
 - name: {{ $prefix }}LOG_LEVEL
   value: {{ $svc.logLevel | default $values.logLevel | quote }}
+{{- if $svc.usesPostgres }}
 - name: {{ $prefix }}PG_HOST
   value: {{ $values.postgres.host | quote }}
 - name: {{ $prefix }}PG_PORT
@@ -92,11 +117,14 @@ Settings of one service, as the environment variables its settings class reads
       key: {{ $values.postgres.passwordSecret.key }}
 - name: {{ $prefix }}DB_MAX_CONNECTIONS
   value: {{ $svc.dbMaxConnections | quote }}
+{{- end }}
+{{- if $svc.usesRabbitmq }}
 - name: {{ $prefix }}AMQP_URL
   valueFrom:
     secretKeyRef:
       name: {{ $values.rabbitmq.urlSecret.name }}
       key: {{ $values.rabbitmq.urlSecret.key }}
+{{- end }}
 - name: {{ $prefix }}JWT_ALGORITHMS
   value: {{ $values.jwt.algorithms | toJson | quote }}
 - name: {{ $prefix }}JWT_AUDIENCE
@@ -113,6 +141,18 @@ Settings of one service, as the environment variables its settings class reads
 {{- with $values.jwt.jwksSecret }}
 - name: {{ $prefix }}JWT_JWKS_FILE
   value: {{ printf "/etc/tally/jwks/%s" .key | quote }}
+{{- end }}
+{{- range $name, $target := $svc.grpcTargets }}
+- name: {{ printf "%s%s" $prefix $name }}
+  value: {{ include "tally.grpcAddress" (dict "root" $root "key" $key "setting" (printf "grpcTargets.%s" $name) "target" $target) | quote }}
+{{- end }}
+{{- with $svc.upstreams }}
+{{- $upstreams := dict }}
+{{- range $service, $target := . }}
+{{- $_ := set $upstreams $service (include "tally.grpcAddress" (dict "root" $root "key" $key "setting" (printf "upstreams[%s]" $service) "target" $target)) }}
+{{- end }}
+- name: {{ $prefix }}UPSTREAMS
+  value: {{ $upstreams | toJson | quote }}
 {{- end }}
 {{- range $name, $value := $svc.env }}
 - name: {{ printf "%s%s" $prefix $name }}
