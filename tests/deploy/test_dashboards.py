@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DASHBOARDS
+from .conftest import DASHBOARDS, REPO
 
 DASHBOARD_FILES = sorted(DASHBOARDS.glob("*.json"))
 # Series from outside Tally's own processes, which carry no part_of label.
@@ -65,7 +65,23 @@ def test_every_tally_query_is_scoped_to_tally_and_the_selected_services(dashboar
         expr = target["expr"]
         if EXTERNAL_METRICS.search(expr):
             continue
-        selectors = re.findall(r"\b(?:grpc|tally|up)\w*\{([^}]*)\}", expr)
+        selectors = re.findall(r"\b(?:grpc|http|tally|up)\w*\{([^}]*)\}", expr)
         assert selectors, f"{panel['title']}: {expr}"
         for selector in selectors:
             assert 'part_of="tally"' in selector and 'job=~"$job"' in selector, f"{panel['title']}: {expr}"
+
+
+def test_http_queries_use_the_metrics_the_gateway_exports() -> None:
+    source = (REPO / "services" / "gateway" / "tally_gateway" / "app.py").read_text()
+    counters = set(re.findall(r'Counter\(\s*"(http_\w+)"', source))
+    histograms = set(re.findall(r'Histogram\(\s*"(http_\w+)"', source))
+    assert counters and histograms
+    exported = counters | {f"{name}_{suffix}" for name in histograms for suffix in ("bucket", "sum", "count")}
+    used = {
+        metric
+        for path in DASHBOARD_FILES
+        for _panel, target in _targets(json.loads(path.read_text()))
+        for metric in re.findall(r"\b(http_\w+)\{", target["expr"])
+    }
+    assert used, "the overview shows the HTTP gateway's requests"
+    assert used <= exported
