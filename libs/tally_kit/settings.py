@@ -51,6 +51,17 @@ class ServiceSettings(BaseSettings):
     consumer_prefetch: int = Field(32, ge=1)
     consumer_delivery_limit: int = Field(5, ge=1)
 
+    # Housekeeping (tally_kit.housekeeping) deletes, every interval and in batches, outbox rows
+    # published longer ago than their retention, inbox rows (the ids of handled events) and
+    # idempotency keys older than theirs. An event older than the inbox's retention can no
+    # longer be told from a redelivery: the consumer parks it rather than apply it twice. A
+    # request repeated with its request_id after the keys' retention is a new request.
+    housekeeping_interval_seconds: float = Field(3600.0, gt=0)
+    housekeeping_batch_size: int = Field(5000, ge=1)
+    outbox_retention_days: float = Field(7.0, gt=0)
+    inbox_retention_days: float = Field(30.0, ge=1)
+    idempotency_retention_days: float = Field(30.0, ge=1)
+
     jwt_algorithms: list[str] = ["HS256"]
     jwt_secret: SecretStr = SecretStr("tally-development-secret-change-me-0123456789")
     jwt_jwks_file: str | None = None

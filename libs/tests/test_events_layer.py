@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -514,6 +515,32 @@ async def test_poison_messages_are_parked_while_the_next_ones_are_handled(
     assert await effects_of(databases, "acme", refused.event_id) == 0
     assert sample("tally_events_parked_total", queue=parking_queue_name(service)) == parked_before + 3
     assert await ready_messages(channel, consumer.queue_name) == 0
+
+
+async def test_an_event_older_than_the_inbox_remembers_is_parked_not_applied(
+    settings: ServiceSettings,
+    databases: MerchantDatabases,
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
+    service: str,
+) -> None:
+    consumer = EventConsumer(
+        settings, databases, service=service, handlers={EVENT_TYPE: worker.record_effect}
+    )
+    stale = new_envelope("acme", "replayed long after")
+    stale.occurred_at.FromSeconds(int(time.time() - (settings.inbox_retention_days + 1) * 86400))
+    recent = new_envelope("acme", "recent")
+    recent.occurred_at.FromSeconds(int(time.time() - (settings.inbox_retention_days - 1) * 86400))
+
+    async with running(consumer):
+        await publish_envelope(exchange, stale)
+        await publish_envelope(exchange, recent)
+        parking = await channel.declare_queue(parking_queue_name(service), passive=True)
+        [parked] = await receive(parking, 1)
+        await eventually(lambda: has_one_effect(databases, "acme", recent.event_id))
+
+    assert parked.message_id == stale.event_id
+    assert await effects_of(databases, "acme", stale.event_id) == 0
 
 
 async def test_an_unknown_merchants_event_is_parked_unless_the_service_provisions_it(

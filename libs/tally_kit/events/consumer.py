@@ -21,6 +21,10 @@ The queue's `x-delivery-limit` is the backstop for a message that kills its cons
 before it can be rejected: past the limit RabbitMQ dead-letters it by itself (visible in
 the parking queue's depth and its `x-death` header, not in this process's metrics).
 
+An event that occurred longer ago than `inbox_retention_days` is parked too: housekeeping
+(tally_kit.housekeeping) has deleted the inbox ids of events that old, so it could be a
+duplicate no longer recognised (a parked message replayed by hand months later, say).
+
 Events of a merchant this service has no database for: `MerchantDirectory.transaction`
 raises `NotFound`, so by default such an event is parked. A service that provisions
 merchants on first sight passes `prepare_merchant=directory.provision`, which runs before
@@ -209,6 +213,13 @@ class EventConsumer:
             raise PoisonMessage(f"event id {envelope.event_id!r} is not a UUID") from None
         if not envelope.merchant_id:
             raise PoisonMessage("envelope has no merchant id")
+        retention_days = self._settings.inbox_retention_days
+        if envelope.occurred_at.seconds < time.time() - retention_days * 86400:
+            # Housekeeping has deleted the inbox ids of events that old: a replay could apply twice.
+            raise PoisonMessage(
+                f"event is older than the inbox's {retention_days:g}-day memory of handled events: "
+                "it cannot be told from a redelivery; check whether it was applied before replaying it"
+            )
         try:
             payload = unpack_payload(envelope)
         except UnknownPayloadType as error:

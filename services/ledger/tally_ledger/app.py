@@ -11,6 +11,7 @@ from tally.ledger.v1 import ledger_service_pb2_grpc
 from tally_kit.auth import ServiceToken
 from tally_kit.db import MerchantDirectory
 from tally_kit.events import OutboxRelay
+from tally_kit.housekeeping import Housekeeping
 from tally_kit.server import Hook, ServiceApp, ServiceRegistration
 from tally_kit.uow import Mutations
 
@@ -50,6 +51,7 @@ def build_app(
     settings = settings or LedgerSettings()
     directory = build_directory(settings)
     relay = OutboxRelay(settings, directory, producer=PRODUCER)
+    housekeeping = Housekeeping(settings, directory)
     closers: list[Hook] = []
     if catalog is None:
         reader = open_catalog_reader(settings)
@@ -84,8 +86,8 @@ def build_app(
                 SERVICE_NAME, ledger_service_pb2_grpc.add_LedgerServiceServicer_to_server, servicer
             )
         ],
-        on_start=[directory.start, relay.start, consumer.start, jobs.start],
+        on_start=[directory.start, relay.start, consumer.start, jobs.start, housekeeping.start],
         # Nothing new is consumed or claimed, then the relay flushes what was committed, then
         # the directory's pools and the catalog channel close.
-        on_stop=[jobs.stop, consumer.stop, relay.stop, directory.close, *closers],
+        on_stop=[housekeeping.stop, jobs.stop, consumer.stop, relay.stop, directory.close, *closers],
     )

@@ -9,6 +9,7 @@ from uuid import UUID
 from tally.payment_gateway.v1 import payment_gateway_service_pb2_grpc
 from tally_kit.db import MerchantDirectory
 from tally_kit.events import EventConsumer, OutboxRelay
+from tally_kit.housekeeping import Housekeeping
 from tally_kit.jobs import PeriodicJob, utc_now
 from tally_kit.server import ServiceApp, ServiceRegistration
 
@@ -34,6 +35,7 @@ class Wiring:
     consumer: EventConsumer
     reconciliation: PeriodicJob[UnsettledCall]
     reseal: PeriodicJob[UUID]
+    housekeeping: Housekeeping
 
 
 def build_directory(settings: PaymentGatewaySettings) -> MerchantDirectory:
@@ -72,6 +74,7 @@ def wire(
         ),
         reconciliation=reconciliation.build_job(directory, provider, relay, settings, clock=clock),
         reseal=reseal.build_job(directory, vault, settings),
+        housekeeping=Housekeeping(settings, directory),
     )
 
 
@@ -91,6 +94,7 @@ def service_app(wiring: Wiring) -> ServiceApp:
             wiring.consumer.start,
             wiring.reconciliation.start,
             wiring.reseal.start,
+            wiring.housekeeping.start,
         ],
         # Calls to the provider in flight are recorded first; the relay flushes what was
         # committed before the directory's pools close.
@@ -98,6 +102,7 @@ def service_app(wiring: Wiring) -> ServiceApp:
             wiring.servicer.drain,
             wiring.reconciliation.stop,
             wiring.reseal.stop,
+            wiring.housekeeping.stop,
             wiring.consumer.stop,
             wiring.relay.stop,
             wiring.directory.close,

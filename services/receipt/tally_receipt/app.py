@@ -7,6 +7,7 @@ from pathlib import Path
 from tally.receipt.v1 import receipt_service_pb2_grpc
 from tally_kit.db import MerchantDirectory
 from tally_kit.events import EventConsumer, OutboxRelay
+from tally_kit.housekeeping import Housekeeping
 from tally_kit.server import ServiceApp, ServiceRegistration
 
 from tally_receipt.catalog_client import CatalogMerchantProfiles, MerchantProfiles
@@ -32,6 +33,7 @@ def build_app(
     fonts = Fonts(regular=Path(settings.pdf_font_file), bold=Path(settings.pdf_bold_font_file))
     directory = build_directory(settings)
     relay = OutboxRelay(settings, directory, producer=PRODUCER)
+    housekeeping = Housekeeping(settings, directory)
     merchant_profiles = profiles or CatalogMerchantProfiles.open(settings)
 
     async def prepare_merchant(merchant_id: str) -> None:
@@ -62,8 +64,8 @@ def build_app(
             )
         ],
         # The relay runs before the consumer, whose handlers notify it.
-        on_start=[check_fonts, directory.start, relay.start, consumer.start],
+        on_start=[check_fonts, directory.start, relay.start, consumer.start, housekeeping.start],
         # In-flight handlers finish first; the relay then flushes what they committed before
         # the directory's pools close.
-        on_stop=[consumer.stop, relay.stop, merchant_profiles.close, directory.close],
+        on_stop=[housekeeping.stop, consumer.stop, relay.stop, merchant_profiles.close, directory.close],
     )
