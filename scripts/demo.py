@@ -4,7 +4,9 @@ Needs the suite running (`make run` in another terminal). Each step prints the c
 makes and what came back: a merchant with its legal details, a credit pack and its price,
 an operation type; a user buys the pack with a card token (the PSP simulator approves
 it), the captured payment becomes a lot in the ledger and a receipt; the user runs an
-operation; then the balance, the ledger history and the receipt PDF.
+operation; then the balance, the ledger history and the receipt PDF; finally the provider
+settles the day's captures, the user is refunded, the ledger revokes the lot and the receipt
+service issues a credit note.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import httpx
 from pypdf import PdfReader
 from tally_gateway.settings import GatewaySettings
 from tally_kit.auth import issue_dev_token
+from tally_launcher.__main__ import SIMULATOR_PORT
 
 WAIT_SECONDS = 20.0
 # Where the receipt PDF is written (ignored by git).
@@ -31,9 +34,10 @@ OUTPUT = Path(__file__).resolve().parent.parent / "var" / "demo"
 
 
 class Demo:
-    def __init__(self, base_url: str, merchant_id: str) -> None:
+    def __init__(self, base_url: str, merchant_id: str, simulator_url: str) -> None:
         settings = GatewaySettings()
         self.merchant_id = merchant_id
+        self.simulator_url = simulator_url
         self.client = httpx.Client(base_url=base_url, timeout=10.0)
         self.tokens = {
             "platform": issue_dev_token(settings, role="platform", merchant_id=None, subject="demo"),
@@ -186,6 +190,34 @@ def run(demo: Demo) -> None:
     path.write_bytes(pdf)
     text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
     print(f"    wrote {path} ({len(pdf)} bytes); it reads: {' '.join(text.split())[:160]}...")
+
+    demo.say("The provider settles the day's captures (the simulator is told to), then the user is refunded")
+    settled = httpx.post(f"{demo.simulator_url}/_simulator/settle", timeout=10.0)
+    settled.raise_for_status()
+    print(f"    provider batch {settled.json()['batchId']} settled")
+    refunded = demo.call(
+        "app",
+        "POST",
+        f"{m}/payments/{payment['paymentId']}:refund",
+        {"reason": "the user changed their mind"},
+    )["payment"]
+    print(f"    payment {refunded['paymentId']}: {refunded['state']}")
+
+    demo.say("The refund reaches the ledger, which revokes what is left of the lot, and the receipt service")
+    found = demo.wait_for(
+        "the credit note",
+        lambda: (
+            (r := demo.call("app", "GET", f"{m}/receipts/{receipt['receiptId']}")).get("creditNotes") and r
+        ),
+    )
+    note = found["creditNotes"][0]
+    print(
+        f"    credit note {note['number']} for receipt {note['receiptNumber']}:"
+        f" gross {note['amounts']['gross']['amountMinor']} {note['amounts']['gross']['currency']},"
+        f" tax {note['amounts']['tax']['amountMinor']} (minor units)"
+    )
+    balance = demo.call("app", "GET", f"{m}/users/{user}/balance")["balance"]
+    print(f"    balance {balance['balance']['value']} credits, debt {balance['debt']['value']}")
     print("\nDone.")
 
 
@@ -199,6 +231,11 @@ def main() -> int:
     )
     parser.add_argument("--gateway", default=f"http://127.0.0.1:{GatewaySettings().http_port}")
     parser.add_argument("--merchant", default=f"demo-{secrets.token_hex(3)}")
+    parser.add_argument(
+        "--simulator",
+        default=f"http://127.0.0.1:{SIMULATOR_PORT}",
+        help="the PSP simulator `make run` starts",
+    )
     args = parser.parse_args()
     try:
         ready = httpx.get(f"{args.gateway}/readyz", timeout=3.0).status_code == 200
@@ -209,7 +246,7 @@ def main() -> int:
             f"The suite is not answering at {args.gateway}/readyz: start it with `make run`.", file=sys.stderr
         )
         return 2
-    run(Demo(args.gateway, args.merchant))
+    run(Demo(args.gateway, args.merchant, args.simulator))
     return 0
 
 
