@@ -194,7 +194,7 @@ class Client:
     async def settle(self, user_id: str, product_id: uuid.UUID, **options: Any) -> api.SettlePurchaseResponse:
         return await self.servicer.SettlePurchase(self.settle_request(user_id, product_id, **options), None)
 
-    async def grant(
+    def grant_request(
         self,
         user_id: str,
         amount: str,
@@ -202,11 +202,11 @@ class Client:
         expires_at: datetime | None = None,
         source: res.LotSource.ValueType = res.LOT_SOURCE_PROMOTION,
         grant_key: str | None = None,
-    ) -> api.GrantCreditsResponse:
+    ) -> api.GrantCreditsRequest:
         custom = api.CustomGrant(credits=Credits(value=amount))
         if expires_at is not None:
             custom.expire_time.CopyFrom(timestamp(expires_at))
-        request = api.GrantCreditsRequest(
+        return api.GrantCreditsRequest(
             merchant_id=self.merchant_id,
             request_id=new_id(),
             user_id=user_id,
@@ -214,30 +214,39 @@ class Client:
             custom=custom,
             source=source,
         )
-        return await self.servicer.GrantCredits(request, None)
 
-    async def open(self, user_id: str, *, code: str = OPERATION_CODE, workflow_id: str = "") -> res.Operation:
-        response = await self.servicer.OpenOperation(
-            api.OpenOperationRequest(
-                merchant_id=self.merchant_id,
-                request_id=new_id(),
-                user_id=user_id,
-                operation_code=code,
-                workflow_id=workflow_id,
-            ),
-            None,
+    async def grant(self, user_id: str, amount: str, **options: Any) -> api.GrantCreditsResponse:
+        return await self.servicer.GrantCredits(self.grant_request(user_id, amount, **options), None)
+
+    def open_request(
+        self, user_id: str, *, code: str = OPERATION_CODE, workflow_id: str = ""
+    ) -> api.OpenOperationRequest:
+        return api.OpenOperationRequest(
+            merchant_id=self.merchant_id,
+            request_id=new_id(),
+            user_id=user_id,
+            operation_code=code,
+            workflow_id=workflow_id,
         )
+
+    async def open(self, user_id: str, **options: Any) -> res.Operation:
+        response = await self.servicer.OpenOperation(self.open_request(user_id, **options), None)
         return response.operation
 
+    def close_request(self, operation_id: str, resource: str) -> api.RecordAndCloseOperationRequest:
+        return api.RecordAndCloseOperationRequest(
+            merchant_id=self.merchant_id,
+            request_id=new_id(),
+            operation_id=operation_id,
+            resource_amount=resource,
+        )
+
     async def close(self, operation_id: str, resource: str) -> api.RecordAndCloseOperationResponse:
-        return await self.servicer.RecordAndCloseOperation(
-            api.RecordAndCloseOperationRequest(
-                merchant_id=self.merchant_id,
-                request_id=new_id(),
-                operation_id=operation_id,
-                resource_amount=resource,
-            ),
-            None,
+        return await self.servicer.RecordAndCloseOperation(self.close_request(operation_id, resource), None)
+
+    def cancel_request(self, operation_id: str) -> api.CancelOperationRequest:
+        return api.CancelOperationRequest(
+            merchant_id=self.merchant_id, request_id=new_id(), operation_id=operation_id
         )
 
     async def consume(
@@ -246,47 +255,47 @@ class Client:
         operation = await self.open(user_id, **options)
         return await self.close(operation.operation_id, resource)
 
-    async def refund(
+    def refund_request(
         self, order_id: str, amount: int, *, reference: str | None = None, reason: str = ""
-    ) -> api.ApplyRefundResponse:
-        return await self.servicer.ApplyRefund(
-            api.ApplyRefundRequest(
-                merchant_id=self.merchant_id,
-                request_id=new_id(),
-                order_id=order_id,
-                refund_reference=reference or f"re-{secrets.token_hex(4)}",
-                amount_refunded=Money(amount_minor=amount, currency="EUR"),
-                reason=reason,
-            ),
-            None,
+    ) -> api.ApplyRefundRequest:
+        return api.ApplyRefundRequest(
+            merchant_id=self.merchant_id,
+            request_id=new_id(),
+            order_id=order_id,
+            refund_reference=reference or f"re-{secrets.token_hex(4)}",
+            amount_refunded=Money(amount_minor=amount, currency="EUR"),
+            reason=reason,
         )
 
-    async def chargeback(
+    async def refund(self, order_id: str, amount: int, **options: Any) -> api.ApplyRefundResponse:
+        return await self.servicer.ApplyRefund(self.refund_request(order_id, amount, **options), None)
+
+    def chargeback_request(
         self, order_id: str, amount: int, *, reference: str | None = None
-    ) -> api.ApplyChargebackResponse:
-        return await self.servicer.ApplyChargeback(
-            api.ApplyChargebackRequest(
-                merchant_id=self.merchant_id,
-                request_id=new_id(),
-                order_id=order_id,
-                chargeback_reference=reference or f"dp-{secrets.token_hex(4)}",
-                amount=Money(amount_minor=amount, currency="EUR"),
-            ),
-            None,
+    ) -> api.ApplyChargebackRequest:
+        return api.ApplyChargebackRequest(
+            merchant_id=self.merchant_id,
+            request_id=new_id(),
+            order_id=order_id,
+            chargeback_reference=reference or f"dp-{secrets.token_hex(4)}",
+            amount=Money(amount_minor=amount, currency="EUR"),
+        )
+
+    async def chargeback(self, order_id: str, amount: int, **options: Any) -> api.ApplyChargebackResponse:
+        return await self.servicer.ApplyChargeback(self.chargeback_request(order_id, amount, **options), None)
+
+    def adjust_request(self, user_id: str, amount: str) -> api.ApplyAdjustmentRequest:
+        return api.ApplyAdjustmentRequest(
+            merchant_id=self.merchant_id,
+            request_id=new_id(),
+            user_id=user_id,
+            amount=Credits(value=amount),
+            reason="goodwill",
+            actor="admin@acme.example",
         )
 
     async def adjust(self, user_id: str, amount: str) -> api.ApplyAdjustmentResponse:
-        return await self.servicer.ApplyAdjustment(
-            api.ApplyAdjustmentRequest(
-                merchant_id=self.merchant_id,
-                request_id=new_id(),
-                user_id=user_id,
-                amount=Credits(value=amount),
-                reason="goodwill",
-                actor="admin@acme.example",
-            ),
-            None,
-        )
+        return await self.servicer.ApplyAdjustment(self.adjust_request(user_id, amount), None)
 
     async def balance(self, user_id: str, read_at: datetime | None = None) -> res.Balance:
         request = api.GetBalanceRequest(merchant_id=self.merchant_id, user_id=user_id)
