@@ -2,9 +2,10 @@
 on the real PostgreSQL, with the test's clock.
 
 Three users of one merchant buy products, are granted credits, open, record, cancel and time
-out operations, are refunded, charged back and adjusted, and see their lots expire while time
-passes (the expiry and timeout jobs run on the same clock). A model kept here (each user's
-lots, debt and the entries they should have) says what every call must answer and write.
+out operations (at the rate each pinned when it opened, while the operation type's rate
+changes), are refunded, charged back and adjusted, and see their lots expire while time passes
+(the expiry and timeout jobs run on the same clock). A model kept here (each user's lots, debt
+and the entries they should have) says what every call must answer, or refuse, and write.
 After every step, for each user, through the service's own read API:
 
 - GetBalance's balance is the sum of the whole GetLedgerHistory (read page by page), and the
@@ -17,8 +18,9 @@ After every step, for each user, through the service's own read API:
 
 Replaying an earlier request with its request_id returns the first answer and changes no row
 of the merchant's database; settling an order or applying a grant key again under a new
-request_id returns the same lot. GetBalance as of a past instant equals the sum of the entries
-written up to it.
+request_id returns the same lot. GetBalance as of every past instant a step ran at (and of
+halfway to the next) equals the sum of the entries written up to it, and what the model had
+then.
 
 Hypothesis runs the machine in a worker thread (its rules are synchronous); every call runs on
 the session's event loop, where the directory's pools live.
@@ -43,6 +45,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -82,7 +85,7 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 # Bounded so the run stays well under two minutes on a loaded 2-core machine.
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 25
 STEPS_PER_EXAMPLE = 50
 CALL_TIMEOUT_SECONDS = 60.0
 
@@ -96,6 +99,8 @@ DAY = timedelta(days=1)
 LOTS_PAGE = 4
 HISTORY_PAGE = 9
 
+# Credits per unit of the operation type: each example starts with the first.
+RATES = ("0.002", "0.0045", "0.0005")
 # Sellable products (credits, access days) and the sign-up grant every user receives.
 PRODUCTS = (("10", 1), ("2.5", 2), ("40", None), ("0.75", 1))
 SIGNUP = ("5", 2)
@@ -103,6 +108,8 @@ SIGNUP = ("5", 2)
 # Whole days and hours, so that lots often tie on expiry, and on issue time too.
 CLOCK_STEPS = (
     timedelta(minutes=1),
+    # The merchant's operation timeout: an operation opened that long ago is due.
+    timedelta(minutes=15),
     timedelta(minutes=20),
     timedelta(hours=1),
     timedelta(hours=5),
@@ -126,14 +133,15 @@ def _millionths(low: int, high: int) -> st.SearchStrategy[Decimal]:
 
 
 users = st.integers(0, USERS - 1)
-grant_amounts = _millionths(1, 25_000_000)
-# Resource amounts whose cost at 0.002 credits a token spans nothing, sub-millionth usage
+products = st.integers(0, len(PRODUCTS) - 1)
+grant_amounts = _millionths(1, 10_000_000)
+# Resource amounts whose cost at 0.002 credits a unit spans nothing, sub-millionth usage
 # (charged one millionth), ties rounded half to even, and debits past any balance.
 resources = st.one_of(
     st.just(ZERO),
     _millionths(1, 600),
     st.integers(1, 50).map(lambda n: Decimal(n) * Decimal("0.00025")),
-    _millionths(1, 15_000_000_000),
+    _millionths(1, 20_000_000_000),
 )
 adjustments = _millionths(-20_000_000, 20_000_000).filter(bool)
 picks = st.integers(0, 10_000)
@@ -197,6 +205,8 @@ class ModelLot:
 class ModelOperation:
     operation_id: str
     opened_at: datetime
+    # The operation type's credits per unit when it opened, pinned (rule 5).
+    rate: Decimal
     state: res.OperationState.ValueType = res.OPERATION_STATE_OPEN
 
 
@@ -311,8 +321,8 @@ class World:
     client: Client
     clock: Clock
     merchant_id: str
+    catalog: MemoryCatalog
     products: list[UUID]
-    rate: Decimal
     operation_timeout: timedelta
 
 
@@ -324,6 +334,9 @@ class LedgerMachine(RuleBasedStateMachine):
         # T0) with ids of its own, so that it runs the same each time hypothesis runs it.
         world.clock.advance(DAY - (world.clock.now - T0) % DAY)
         world.ids.start_example()
+        # The operation type's rate, as each example starts (earlier examples changed it).
+        self.rate = Decimal(RATES[0])
+        world.catalog.schedule_rate(world.merchant_id, OPERATION_CODE, RATES[0], self.now)
         self.client = world.client
         self.users: list[ModelUser] = []
         self.applied: list[Applied] = []
@@ -377,7 +390,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # --- lots -----------------------------------------------------------------------------
 
-    @rule(who=users, product=st.integers(0, len(PRODUCTS) - 1))
+    @initialize(bought=st.lists(products, min_size=USERS, max_size=USERS))
+    def first_purchases(self, bought: list[int]) -> None:
+        """Every user starts with a purchase, so that refunds and chargebacks have orders."""
+        for who, product in enumerate(bought):
+            self.settle_purchase(who, product)
+
+    @rule(who=users, product=products)
     def settle_purchase(self, who: int, product: int) -> None:
         user = self.users[who]
         request = self.client.settle_request(user.user_id, self.world.products[product], paid=PAID_MINOR)
@@ -423,7 +442,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if expiry is None or isinstance(expiry, timedelta):
             return None if expiry is None else now + expiry
         if expiry == "with another lot":
-            # The user's latest lot still to expire, issued before now if any.
+            # The expiry of the latest-issued lot of the user that is still to expire.
             later = [lot for lot in user.lots.values() if lot.expires_at is not None and lot.expires_at > now]
             if later:
                 return max(later, key=lambda lot: lot.issued_at).expires_at
@@ -464,8 +483,8 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             operation = self.call("OpenOperation", request).operation
             assert operation.state == res.OPERATION_STATE_OPEN and instant(operation.open_time) == self.now
-            assert credits(operation.credits_per_unit) == self.world.rate
-            user.operations.append(ModelOperation(operation.operation_id, self.now))
+            assert credits(operation.credits_per_unit) == self.rate
+            user.operations.append(ModelOperation(operation.operation_id, self.now, self.rate))
 
     def record(self, user: ModelUser, resource: Decimal) -> None:
         """Rule 5: the user's last operation recorded, its credits debited FIFO at once;
@@ -476,7 +495,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.refused_with("RecordAndCloseOperation", request, "OPERATION_NOT_OPEN")
             return
         response = self.call("RecordAndCloseOperation", request)
-        charged = cost(resource, self.world.rate)
+        charged = cost(resource, operation.rate)
         assert response.operation.state == res.OPERATION_STATE_CLOSED
         assert credits(response.operation.credits) == charged
         expected = user.take(res.ENTRY_KIND_DEBIT, charged, self.now) if charged else []
@@ -493,13 +512,21 @@ class LedgerMachine(RuleBasedStateMachine):
     def record_and_close(self, who: int, resource: Decimal) -> None:
         self.record(self.with_operations(who), resource)
 
-    @rule(who=users, resource=resources)
-    def consume(self, who: int, resource: Decimal) -> None:
-        """Open and record in one step, as most callers do."""
+    @rule(rate=st.sampled_from(RATES))
+    def change_rate(self, rate: str) -> None:
+        """A new version of the operation type from now on: operations open already keep the
+        rate they pinned."""
+        self.world.catalog.schedule_rate(self.world.merchant_id, OPERATION_CODE, rate, self.now)
+        self.rate = Decimal(rate)
+
+    @rule(who=users, usage=st.lists(resources, min_size=1, max_size=3))
+    def consume(self, who: int, usage: list[Decimal]) -> None:
+        """Operations opened and recorded one after the other, as most callers run them."""
         user = self.users[who]
-        self.open(user)
-        if user.open_operation is not None:
-            self.record(user, resource)
+        for resource in usage:
+            self.open(user)
+            if user.open_operation is not None:
+                self.record(user, resource)
 
     @precondition(lambda self: any(user.operations for user in self.users))
     @rule(who=users)
@@ -513,15 +540,6 @@ class LedgerMachine(RuleBasedStateMachine):
         response = self.call("CancelOperation", request)
         assert response.operation.state == res.OPERATION_STATE_CANCELED
         operation.state = res.OPERATION_STATE_CANCELED
-
-    @rule()
-    def time_out_operations(self) -> None:
-        run = self.run(self.world.jobs.timeouts.run_once())
-        assert (run.failures, run.merchant_failures) == (0, 0)
-        for user in self.users:
-            operation = user.open_operation
-            if operation is not None and operation.opened_at + self.world.operation_timeout <= self.now:
-                operation.state = res.OPERATION_STATE_TIMED_OUT
 
     # --- refunds, chargebacks, adjustments, expiry, time ----------------------------------
 
@@ -550,9 +568,18 @@ class LedgerMachine(RuleBasedStateMachine):
         self.check_account(response.account, user)
 
     @precondition(lambda self: self.orders)
-    @rule(pick=picks)
-    def chargeback(self, pick: int) -> None:
-        who, lot_id = self.orders[pick % len(self.orders)]
+    @rule(pick=picks, used=st.booleans())
+    def chargeback(self, pick: int, used: bool) -> None:
+        """`used`: an order whose credits were partly used, when there is one (the chargeback
+        then takes them back from the other lots, or as debt)."""
+        used_orders = [
+            (who, lot_id)
+            for who, lot_id in self.orders
+            if self.users[who].lots[lot_id].consumed > 0
+            and self.users[who].lots[lot_id].reversal != res.LOT_STATE_CHARGED_BACK
+        ]
+        orders = used_orders if used and used_orders else self.orders
+        who, lot_id = orders[pick % len(orders)]
         user = self.users[who]
         lot = user.lots[lot_id]
         assert lot.order_id is not None
@@ -590,15 +617,28 @@ class LedgerMachine(RuleBasedStateMachine):
         self.check_account(response.account, user)
 
     @rule()
-    def expire_lots(self) -> None:
-        run = self.run(self.world.jobs.expiry.run_once())
-        assert (run.failures, run.merchant_failures) == (0, 0)
-        for user in self.users:
-            user.expire(self.now)
+    def run_jobs(self) -> None:
+        """The expiry job (rule 8), then the job closing operations open past the merchant's
+        timeout (rule 5), each over the whole merchant."""
+        self.jobs()
 
-    @rule(step=st.sampled_from(CLOCK_STEPS))
-    def pass_time(self, step: timedelta) -> None:
+    @rule(step=st.sampled_from(CLOCK_STEPS), then_jobs=st.booleans())
+    def pass_time(self, step: timedelta, then_jobs: bool) -> None:
+        """Time passes, and the jobs run then, as they do periodically, or not yet."""
         self.world.clock.advance(step)
+        if then_jobs:
+            self.jobs()
+
+    def jobs(self) -> None:
+        for job in (self.world.jobs.expiry, self.world.jobs.timeouts):
+            run = self.run(job.run_once())
+            assert (run.failures, run.merchant_failures) == (0, 0)
+        now = self.now
+        for user in self.users:
+            user.expire(now)
+            operation = user.open_operation
+            if operation is not None and operation.opened_at + self.world.operation_timeout <= now:
+                operation.state = res.OPERATION_STATE_TIMED_OUT
 
     # --- idempotency and reading the past -------------------------------------------------
 
@@ -611,17 +651,6 @@ class LedgerMachine(RuleBasedStateMachine):
         answer = self.run(getattr(self.world.servicer, first.method)(first.request, None))
         assert answer == first.response
         assert self.run(snapshot(self.world.directory, self.world.merchant_id)) == before
-
-    @precondition(lambda self: all(user.history for user in self.users))
-    @rule(
-        who=users,
-        step=picks,
-        offset=st.sampled_from([timedelta(), timedelta(microseconds=1), timedelta(hours=3)]),
-    )
-    def balance_as_of(self, who: int, step: int, offset: timedelta) -> None:
-        user = self.users[who]
-        moment = min(user.history[step % len(user.history)][0] + offset, self.now)
-        self.check_as_of(user, moment, self.read_history(user))
 
     def check_as_of(self, user: ModelUser, moment: datetime, history: list[res.LedgerEntry]) -> None:
         request = api.GetBalanceRequest(
@@ -696,14 +725,18 @@ class LedgerMachine(RuleBasedStateMachine):
             user.history.append((now, user.balance, user.debt))
 
     def teardown(self) -> None:
-        """GetBalance as of every past instant a step ran at, for every user. Only instants
-        before now: nothing can be written at them any more, and what the model said of them
-        was checked then (the current instant's may be a failed step's)."""
+        """GetBalance as of every past instant a step ran at, and as of halfway to the next
+        one, for every user. Only instants before now: nothing can be written at them any
+        more, and what the model said of them was checked then (the current instant's may be
+        a failed step's)."""
         now = self.now
         for user in self.users:
             history = self.read_history(user)
-            for moment in sorted({at for at, _, _ in user.history if at < now}):
+            moments = sorted({at for at, _, _ in user.history if at < now})
+            for index, moment in enumerate(moments):
+                following = moments[index + 1] if index + 1 < len(moments) else now
                 self.check_as_of(user, moment, history)
+                self.check_as_of(user, moment + (following - moment) / 2, history)
 
 
 # Finding the examples takes well under a minute; the time above pytest's default lets
@@ -748,7 +781,7 @@ async def test_the_books_stay_exact_under_random_sequences_of_calls(
         clock=clock,
         merchant_id=merchant_id,
         products=products,
-        rate=(await catalog.operation_rate(merchant_id, OPERATION_CODE, clock.now)).credits_per_unit,
+        catalog=catalog,
         operation_timeout=(await catalog.merchant_terms(merchant_id)).operation_timeout,
     )
     await asyncio.to_thread(
