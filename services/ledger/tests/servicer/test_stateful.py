@@ -85,7 +85,7 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 # Bounded so the run stays well under two minutes on a loaded 2-core machine.
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 20
 STEPS_PER_EXAMPLE = 50
 CALL_TIMEOUT_SECONDS = 60.0
 
@@ -95,9 +95,9 @@ ZERO = Decimal(0)
 QUANTUM = Decimal("0.000001")
 NEVER = datetime.max.replace(tzinfo=UTC)
 DAY = timedelta(days=1)
-# Small pages, so that reading a user's lots and history always walks several pages.
-LOTS_PAGE = 4
-HISTORY_PAGE = 9
+# Small pages, so that reading a user's lots and history soon walks several pages.
+LOTS_PAGE = 6
+HISTORY_PAGE = 20
 
 # Credits per unit of the operation type: each example starts with the first.
 RATES = ("0.002", "0.0045", "0.0005")
