@@ -8,16 +8,15 @@ and the receipt service the ledger's. SQL only reads what no client can see (out
 inboxes), to wait for the asynchronous outcome of a call without a fixed sleep.
 
 The catalog's end-to-end helpers (requests, database probes, bounded polling), the receipt
-service's PDF reader and the payment gateway's simulator launcher are reused as they are.
+service's PDF reader and the payment gateway's simulator launcher are reused as they are,
+from each service's `testing` module.
 Routing keys are spelled out as the APIs document them, never imported from the services.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -35,23 +34,7 @@ from tally.receipt.v1 import receipt_service_pb2 as receipt_api
 from tally.receipt.v1 import receipt_service_pb2_grpc
 from tally.receipt.v1 import resources_pb2 as receipt_res
 from tally_catalog.settings import CatalogSettings
-from tally_kit.auth import issue_dev_token
-from tally_kit.settings import ServiceSettings
-from tally_ledger.settings import LedgerSettings
-from tally_payment_gateway.settings import SIMULATOR_ACCOUNT, PaymentGatewaySettings
-from tally_receipt.settings import ReceiptSettings
-
-# Test folders are not packages: the helpers reused here are put on the path.
-_SERVICES = Path(__file__).resolve().parents[2] / "services"
-for _folder in (
-    _SERVICES / "catalog" / "tests" / "integration",
-    _SERVICES / "receipt" / "tests" / "integration",
-    _SERVICES / "payment_gateway" / "tests" / "servicer",
-):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-from catalog_e2e import (  # noqa: E402
+from tally_catalog.testing import (
     CALL_TIMEOUT_SECONDS,
     Databases,
     eventually,
@@ -61,8 +44,13 @@ from catalog_e2e import (  # noqa: E402
     new_merchant_id,
     sellable_product,
 )
-from gateway_harness import Simulator, one_time_token, running_simulator  # noqa: E402
-from receipt_e2e import pdf_text  # noqa: E402
+from tally_kit.auth import issue_dev_token
+from tally_kit.settings import ServiceSettings
+from tally_ledger.settings import LedgerSettings
+from tally_payment_gateway.settings import SIMULATOR_ACCOUNT, PaymentGatewaySettings
+from tally_payment_gateway.testing import Simulator, one_time_token, running_simulator
+from tally_receipt.settings import ReceiptSettings
+from tally_receipt.testing import pdf_text
 
 # What the tests take from the reused helpers, through this module.
 __all__ = [

@@ -8,22 +8,15 @@ and queue, and the capture queue are deleted.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 from tally_catalog.app import build_app
 from tally_catalog.settings import CatalogSettings
+from tally_catalog.testing import Catalog, Databases, EventCapture, ServiceClock, catalog_settings
 from tally_kit.server import ServiceApp
 from tally_kit.testing import drop_databases
-
-# The helpers shared by these test modules live beside this file; test folders are not
-# packages and pytest runs with --import-mode=importlib, which puts no test folder on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from catalog_e2e import Catalog, Databases, EventCapture, ServiceClock, catalog_settings
 
 
 @pytest.fixture(scope="session")

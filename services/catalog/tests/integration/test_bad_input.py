@@ -1,4 +1,4 @@
-"""Bad input on every RPC of CatalogService, driven by the table in `catalog_e2e.REFUSALS`.
+"""Bad input on every RPC of CatalogService, driven by the table in `tally_catalog.testing.REFUSALS`.
 
 Each case is a valid request with one thing broken, so that without the check it would
 succeed: a missing or malformed field is INVALID_ARGUMENT whose `google.rpc.BadRequest`
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from catalog_e2e import (
+from tally.catalog.v1 import catalog_service_pb2 as api
+from tally_catalog.testing import (
     ERROR_DOMAIN,
     MUTATING_RPCS,
     REFUSALS,
@@ -26,7 +27,6 @@ from catalog_e2e import (
     new_merchant_id,
     valid_request,
 )
-from tally.catalog.v1 import catalog_service_pb2 as api
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from datetime import datetime, timedelta
 
 import grpc
 import pytest
-from catalog_e2e import Catalog, ServiceClock, instant, new_id, new_merchant_id, timestamp
 from tally.catalog.v1 import catalog_service_pb2 as api
 from tally.catalog.v1 import resources_pb2 as res
 from tally.common.v1.money_pb2 import Credits, Money
+from tally_catalog.testing import Catalog, ServiceClock, instant, new_id, new_merchant_id, timestamp
 
 pytestmark = pytest.mark.integration
 

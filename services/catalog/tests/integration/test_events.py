@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from catalog_e2e import MUTATIONS, PRODUCER, Catalog, Mutation, new_id, new_merchant_id
+from tally_catalog.testing import MUTATIONS, PRODUCER, Catalog, Mutation, new_id, new_merchant_id
 
 pytestmark = pytest.mark.integration
 

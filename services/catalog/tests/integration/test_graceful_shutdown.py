@@ -13,7 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from catalog_e2e import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tally.catalog.v1 import catalog_service_pb2 as api
+from tally_catalog.testing import (
     SERVICE_NAME,
     Catalog,
     Databases,
@@ -24,8 +26,6 @@ from catalog_e2e import (
     new_merchant_id,
     sellable_product,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tally.catalog.v1 import catalog_service_pb2 as api
 from tally_kit.failpoints import ENVIRONMENT_VARIABLE as FAILPOINTS_VARIABLE
 from tally_kit.testing import drop_databases
 

@@ -8,7 +8,9 @@ import asyncio
 
 import grpc
 import pytest
-from catalog_e2e import (
+from tally.catalog.v1 import catalog_service_pb2 as api
+from tally.catalog.v1 import events_pb2
+from tally_catalog.testing import (
     MUTATING_RPCS,
     MUTATIONS,
     Catalog,
@@ -18,8 +20,6 @@ from catalog_e2e import (
     new_merchant_id,
     sellable_product,
 )
-from tally.catalog.v1 import catalog_service_pb2 as api
-from tally.catalog.v1 import events_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,10 @@ from collections.abc import Callable
 import grpc
 import jwt
 import pytest
-from catalog_e2e import (
+from google.protobuf.message import Message
+from tally.catalog.v1 import catalog_service_pb2 as api
+from tally.common.v1 import access_pb2
+from tally_catalog.testing import (
     MUTATIONS,
     RPC_NAMES,
     SERVICE,
@@ -21,9 +24,6 @@ from catalog_e2e import (
     new_merchant_id,
     valid_request,
 )
-from google.protobuf.message import Message
-from tally.catalog.v1 import catalog_service_pb2 as api
-from tally.common.v1 import access_pb2
 
 pytestmark = pytest.mark.integration
 

@@ -7,12 +7,12 @@ import urllib.request
 
 import grpc
 import pytest
-from catalog_e2e import RPC_NAMES, SERVICE_NAME, Catalog, new_merchant_id
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tally.catalog.v1 import catalog_service_pb2 as api
+from tally_catalog.testing import RPC_NAMES, SERVICE_NAME, Catalog, new_merchant_id
 from tally_kit.server import ServiceApp
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,7 @@ from the service, so that a renamed key or reason fails a test.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -19,16 +17,7 @@ import grpc
 from google.protobuf.message import Message
 from tally.common.v1.event_pb2 import EventEnvelope
 from tally.ledger.v1 import ledger_service_pb2_grpc
-from tally_kit.auth import issue_dev_token
-from tally_kit.events import CONTENT_TYPE
-from tally_kit.events.topology import dead_letter_exchange_name, events_queue_name, parking_queue_name
-from tally_ledger.settings import LedgerSettings
-
-# The catalog's end-to-end helpers live beside its tests; test folders are not packages.
-CATALOG_E2E = Path(__file__).resolve().parents[3] / "catalog" / "tests" / "integration"
-sys.path.insert(0, str(CATALOG_E2E))
-
-from catalog_e2e import (  # noqa: E402
+from tally_catalog.testing import (
     CALL_TIMEOUT_SECONDS,
     CapturedEvent,
     Catalog,
@@ -43,6 +32,10 @@ from catalog_e2e import (  # noqa: E402
     refusal_of,
     sellable_product,
 )
+from tally_kit.auth import issue_dev_token
+from tally_kit.events import CONTENT_TYPE
+from tally_kit.events.topology import dead_letter_exchange_name, events_queue_name, parking_queue_name
+from tally_ledger.settings import LedgerSettings
 
 # What the ledger's tests take from the catalog's helpers, through this module.
 __all__ = [

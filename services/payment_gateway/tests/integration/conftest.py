@@ -5,17 +5,10 @@ and `HELD`, whose webhooks the tests hand over themselves, when and in the order
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-
-# The harness lives beside the servicer tests; test folders are not packages and pytest runs
-# with --import-mode=importlib, which puts no test folder on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "servicer"))
-
-from gateway_harness import Gateway, Webhooks, running_gateway
+from tally_payment_gateway.testing import Gateway, Webhooks, running_gateway
 
 # Every run has databases and a simulator of its own: fixed ids do not collide.
 HOOKS = "hooks-merchant"

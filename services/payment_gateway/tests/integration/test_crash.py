@@ -20,15 +20,6 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from gateway_harness import (
-    Gateway,
-    LaterClock,
-    Simulator,
-    delete_broker_objects,
-    gateway_settings,
-    new_account,
-    running_simulator,
-)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally.payment_gateway.v1 import payment_gateway_service_pb2_grpc
 from tally_kit.auth import issue_dev_token
@@ -38,6 +29,15 @@ from tally_payment_gateway.app import build_directory
 from tally_payment_gateway.authorize_net import AuthorizeNetProvider
 from tally_payment_gateway.domain import PaymentState
 from tally_payment_gateway.settings import PaymentGatewaySettings
+from tally_payment_gateway.testing import (
+    Gateway,
+    LaterClock,
+    Simulator,
+    delete_broker_objects,
+    gateway_settings,
+    new_account,
+    running_simulator,
+)
 
 MERCHANT = "crash-merchant"
 READY_SECONDS = 20.0

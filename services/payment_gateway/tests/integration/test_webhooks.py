@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 
 import aio_pika
 import grpc
-from gateway_harness import Gateway, Notification, eventually, webhook_request
 from tally.common.v1.event_pb2 import EventEnvelope
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
@@ -26,6 +25,7 @@ from tally_kit.events.topology import parking_queue_name
 from tally_payment_gateway.domain import contains_card_number
 from tally_payment_gateway.handlers import consumer_name
 from tally_payment_gateway.provider import ChargeRequest, OneTimeToken, RefundRequest
+from tally_payment_gateway.testing import Gateway, Notification, eventually, webhook_request
 
 from .conftest import HELD, HOOKS
 

@@ -7,17 +7,10 @@ Databases, queues, exchanges and processes of the run are removed at the end."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-
-# The helpers shared by these test modules live beside this file; test folders are not
-# packages and pytest runs with --import-mode=importlib, which puts no test folder on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gateway_harness import Gateway, Webhooks, running_gateway
+from tally_payment_gateway.testing import Gateway, Webhooks, running_gateway
 
 # Every run has databases and a simulator of its own: fixed ids do not collide.
 MAIN = "main-merchant"

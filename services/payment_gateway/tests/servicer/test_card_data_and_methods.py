@@ -10,9 +10,9 @@ import uuid
 
 import grpc
 import pytest
-from gateway_harness import Gateway, new_id, usd
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
+from tally_payment_gateway.testing import Gateway, new_id, usd
 
 from .conftest import CARDS, MAIN, SPARE
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from gateway_harness import Gateway, new_id, refusal_of
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
+from tally_payment_gateway.testing import Gateway, new_id, refusal_of
 
 from .conftest import MAIN
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from gateway_harness import Gateway, new_id, usd
 from tally.common.v1.money_pb2 import Money
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
 from tally_payment_gateway import reconciliation
+from tally_payment_gateway.testing import Gateway, new_id, usd
 
 from .conftest import MAIN, QUIET
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from gateway_harness import SLOW_SECONDS, Gateway, new_id
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import resources_pb2 as res
 from tally_payment_gateway import reconciliation
+from tally_payment_gateway.testing import SLOW_SECONDS, Gateway, new_id
 
 from .conftest import MAIN, QUIET
 

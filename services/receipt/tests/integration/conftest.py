@@ -9,9 +9,7 @@ queue are deleted.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aio_pika
 import grpc
@@ -19,12 +17,7 @@ import pytest
 from tally_catalog.app import build_app as build_catalog
 from tally_kit.testing import drop_databases, unique_prefix
 from tally_receipt.app import build_app as build_receipt
-
-# The helpers shared by these test modules live beside this file; test folders are not
-# packages and pytest runs with --import-mode=importlib, which puts no test folder on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from receipt_e2e import (
+from tally_receipt.testing import (
     Catalog,
     EventCapture,
     Ledger,

@@ -8,7 +8,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from receipt_e2e import (
+from tally.receipt.v1 import receipt_service_pb2 as api
+from tally_receipt.testing import (
     CALL_TIMEOUT_SECONDS,
     Stack,
     merchant_config,
@@ -16,7 +17,6 @@ from receipt_e2e import (
     new_merchant_id,
     purchase_settled,
 )
-from tally.receipt.v1 import receipt_service_pb2 as api
 
 pytestmark = pytest.mark.integration
 

@@ -6,11 +6,11 @@ import socket
 from decimal import Decimal
 
 import pytest
-from receipt_e2e import Stack, merchant_config, new_merchant_id
 from tally_kit.errors import NotFound, Unavailable
 from tally_kit.events import is_transient
 from tally_receipt.catalog_client import CatalogMerchantProfiles
 from tally_receipt.domain import PostalAddress, TaxRegime
+from tally_receipt.testing import Stack, merchant_config, new_merchant_id
 
 pytestmark = pytest.mark.integration
 

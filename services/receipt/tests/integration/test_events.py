@@ -7,7 +7,13 @@ import secrets
 
 import aio_pika
 import pytest
-from receipt_e2e import (
+from tally.receipt.v1 import receipt_service_pb2 as api
+from tally_kit.db import merchant_database_name
+from tally_kit.errors import Unavailable
+from tally_receipt.app import build_app
+from tally_receipt.catalog_client import CatalogMerchantProfiles
+from tally_receipt.domain import MerchantProfile
+from tally_receipt.testing import (
     SETTLE_TIME,
     Ledger,
     Stack,
@@ -23,12 +29,6 @@ from receipt_e2e import (
     receipt_settings,
     refund_applied,
 )
-from tally.receipt.v1 import receipt_service_pb2 as api
-from tally_kit.db import merchant_database_name
-from tally_kit.errors import Unavailable
-from tally_receipt.app import build_app
-from tally_receipt.catalog_client import CatalogMerchantProfiles
-from tally_receipt.domain import MerchantProfile
 
 pytestmark = pytest.mark.integration
 

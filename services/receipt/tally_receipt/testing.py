@@ -1,6 +1,8 @@
-"""What the receipt service's integration tests share: the real catalog and receipt apps in this
-process, a publisher standing in for the ledger on the events exchange, a queue capturing
-what the receipt service publishes, and clients of both services over gRPC with real JWTs.
+"""Test support, for the receipt service's tests and the cross-service suite (never imported by the
+service itself). What the receipt service's integration tests share: the real catalog and
+receipt apps in this process, a publisher standing in for the ledger on the events exchange, a
+queue capturing what the receipt service publishes, and clients of both services over gRPC with
+real JWTs.
 
 Routing keys and error reasons are spelled out as the APIs document them, never imported
 from the service, so that a renamed key or reason fails a test.
@@ -43,6 +45,7 @@ from tally_kit.events.topology import (
     unrouted_queue_name,
 )
 from tally_kit.settings import ServiceSettings
+
 from tally_receipt.settings import ReceiptSettings
 
 CALL_TIMEOUT_SECONDS = 10.0

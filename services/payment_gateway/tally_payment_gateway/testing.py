@@ -1,6 +1,8 @@
-"""What the payment gateway's servicer and integration tests share: the PSP simulator as a real
-process, the real app in this process (gRPC on port 0, PostgreSQL, RabbitMQ, its notification
-consumer), a webhook receiver standing in for the HTTP gateway, and a client of it all.
+"""Test support, for the payment gateway's tests and the cross-service suite (never imported by the
+service itself). What the payment gateway's servicer and integration tests share: the PSP
+simulator as a real process, the real app in this process (gRPC on port 0, PostgreSQL, RabbitMQ,
+its notification consumer), a webhook receiver standing in for the HTTP gateway, and a client of
+it all.
 
 Each merchant of a run has an Authorize.Net account of its own at the simulator, and one of
 three ways to get its webhooks:
@@ -31,7 +33,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -49,6 +50,15 @@ from tally.common.v1.money_pb2 import Money
 from tally.payment_gateway.v1 import payment_gateway_service_pb2 as api
 from tally.payment_gateway.v1 import payment_gateway_service_pb2_grpc
 from tally.payment_gateway.v1 import resources_pb2 as res
+from tally_catalog.testing import (
+    CALL_TIMEOUT_SECONDS,
+    CapturedEvent,
+    Databases,
+    EventCapture,
+    Refusal,
+    eventually,
+    refusal_of,
+)
 from tally_kit.auth import issue_dev_token
 from tally_kit.events.topology import (
     dead_letter_exchange_name,
@@ -59,24 +69,11 @@ from tally_kit.events.topology import (
 )
 from tally_kit.jobs import JobRun
 from tally_kit.testing import drop_databases, unique_prefix
+
 from tally_payment_gateway import reconciliation
 from tally_payment_gateway.app import Wiring, service_app, wire
 from tally_payment_gateway.handlers import consumer_name
 from tally_payment_gateway.settings import AuthorizeNetAccount, PaymentGatewaySettings
-
-# The catalog's end-to-end helpers live beside its tests; test folders are not packages.
-CATALOG_E2E = Path(__file__).resolve().parents[3] / "catalog" / "tests" / "integration"
-sys.path.insert(0, str(CATALOG_E2E))
-
-from catalog_e2e import (  # noqa: E402
-    CALL_TIMEOUT_SECONDS,
-    CapturedEvent,
-    Databases,
-    EventCapture,
-    Refusal,
-    eventually,
-    refusal_of,
-)
 
 __all__ = [
     "CapturedEvent",

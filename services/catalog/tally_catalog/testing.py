@@ -1,6 +1,8 @@
-"""What the catalog's end-to-end tests share: a client of the running service over gRPC, SQL
-probes of its merchant databases, a RabbitMQ queue capturing what it publishes, and the
-tables of requests that drive the tests over every RPC of `CatalogService`.
+"""Test support, for the catalog's own tests and those of services and suites that run it (never
+imported by the service itself). What the catalog's end-to-end tests share: a client of the
+running service over gRPC, SQL probes of its merchant databases, a RabbitMQ queue capturing what
+it publishes, and the tables of requests that drive the tests over every RPC of
+`CatalogService`.
 
 The tests see the service as a client does: generated stubs on a real channel, real JWTs,
 statuses decoded from `grpc-status-details-bin`. SQL and the broker are only used to check
@@ -36,13 +38,14 @@ from tally.catalog.v1 import catalog_service_pb2_grpc, events_pb2
 from tally.catalog.v1 import resources_pb2 as res
 from tally.common.v1.event_pb2 import EventEnvelope
 from tally.common.v1.money_pb2 import Credits, Money
-from tally_catalog.settings import CatalogSettings
 from tally_kit.auth import issue_dev_token
 from tally_kit.db.directory import control_database_name, merchant_database_name, quote_identifier
 from tally_kit.events import declare_events_exchange, unpack_payload
 from tally_kit.events.topology import unrouted_exchange_name, unrouted_queue_name
 from tally_kit.settings import ServiceSettings
 from tally_kit.testing import unique_prefix
+
+from tally_catalog.settings import CatalogSettings
 
 SERVICE = api.DESCRIPTOR.services_by_name["CatalogService"]
 SERVICE_NAME = SERVICE.full_name
