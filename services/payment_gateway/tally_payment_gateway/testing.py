@@ -159,7 +159,10 @@ class Simulator:
 
 
 @asynccontextmanager
-async def running_simulator() -> AsyncIterator[Simulator]:
+async def running_simulator(webhook_url: str | None = None) -> AsyncIterator[Simulator]:
+    """The simulator as a process on a free port; `webhook_url` (with `{merchant}`) is where
+    the accounts it opens per merchant send their notifications."""
+    webhook = ("--webhook-url", webhook_url) if webhook_url is not None else ()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -170,6 +173,7 @@ async def running_simulator() -> AsyncIterator[Simulator]:
         str(SLOW_SECONDS),
         "--hang-seconds",
         str(HANG_SECONDS),
+        *webhook,
         stdout=asyncio.subprocess.PIPE,
     )
     try:

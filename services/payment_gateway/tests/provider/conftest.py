@@ -5,18 +5,13 @@ notifications of the accounts it opens per merchant to the receiver too, under t
 from __future__ import annotations
 
 import asyncio
-import secrets
 import socket
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import httpx
 import pytest
 import uvicorn
-from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,32 +19,11 @@ from starlette.routing import Route
 from tally_kit.clients import BreakerPolicy, RetryPolicy
 from tally_payment_gateway.authorize_net import AuthorizeNetProvider
 from tally_payment_gateway.settings import MERCHANT_PLACEHOLDER, AuthorizeNetAccount
+from tally_payment_gateway.testing import Simulator, new_account, running_simulator
 
-# Short enough to keep the suite quick; `slow` answers well inside the adapter's timeout,
-# `timeout` and `lost` well beyond it.
-SLOW_SECONDS = 0.25
-HANG_SECONDS = 5.0
 ADAPTER_TIMEOUT_SECONDS = 1.0
 BREAKER_THRESHOLD = 3
 NOTIFICATION_WAIT_SECONDS = 5.0
-STARTUP_SECONDS = 15.0
-LISTENING = "psp_simulator listening on "
-
-
-@dataclass(frozen=True)
-class Simulator:
-    url: str
-    # For the control endpoints.
-    client: httpx.AsyncClient
-
-    async def control(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = await self.client.request(method, f"/_simulator{path}", json=body)
-        response.raise_for_status()
-        return response.json()
-
-    async def transactions(self, invoice_number: str) -> list[dict[str, Any]]:
-        found = await self.control("GET", f"/transactions?invoiceNumber={invoice_number}")
-        return found["transactions"]
 
 
 @dataclass
@@ -73,36 +47,8 @@ class Notifications:
 
 @pytest.fixture(scope="session")
 async def simulator(notifications: Notifications) -> AsyncIterator[Simulator]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "psp_simulator",
-        "--port",
-        "0",
-        "--slow-seconds",
-        str(SLOW_SECONDS),
-        "--hang-seconds",
-        str(HANG_SECONDS),
-        "--webhook-url",
-        notifications.url(MERCHANT_PLACEHOLDER),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(STARTUP_SECONDS):
-            line = (await process.stdout.readline()).decode()
-        assert line.startswith(LISTENING), line
-        url = line.removeprefix(LISTENING).strip()
-        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-            yield Simulator(url, client)
-    finally:
-        process.terminate()
-        try:
-            async with asyncio.timeout(STARTUP_SECONDS):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+    async with running_simulator(webhook_url=notifications.url(MERCHANT_PLACEHOLDER)) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
@@ -131,20 +77,8 @@ async def notifications() -> AsyncIterator[Notifications]:
 @pytest.fixture
 async def account(simulator: Simulator, notifications: Notifications) -> AuthorizeNetAccount:
     """An account of this test's own at the simulator, its webhooks sent to the receiver."""
-    created = AuthorizeNetAccount(
-        api_login_id=f"t-{secrets.token_hex(6)}",
-        transaction_key=SecretStr(secrets.token_hex(8)),
-        signature_key=SecretStr(secrets.token_hex(64).upper()),
-    )
-    await simulator.control(
-        "PUT",
-        f"/accounts/{created.api_login_id}",
-        {
-            "transactionKey": created.transaction_key.get_secret_value(),
-            "signatureKey": created.signature_key.get_secret_value(),
-            "webhookUrl": notifications.url(created.api_login_id),
-        },
-    )
+    created = new_account()
+    await simulator.add_account(created, notifications.url(created.api_login_id))
     return created
 
 

@@ -32,8 +32,9 @@ from tally_payment_gateway.provider import (
     TransactionStatus,
 )
 from tally_payment_gateway.settings import AuthorizeNetAccount
+from tally_payment_gateway.testing import SLOW_SECONDS, Simulator
 
-from .conftest import BREAKER_THRESHOLD, SLOW_SECONDS, Notifications, Simulator, make_provider
+from .conftest import BREAKER_THRESHOLD, Notifications, make_provider
 
 MERCHANT = "acme"
 DESCRIPTOR = "COMMON.ACCEPT.INAPP.PAYMENT"

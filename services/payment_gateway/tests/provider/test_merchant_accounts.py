@@ -14,8 +14,9 @@ from tally_payment_gateway import webhooks
 from tally_payment_gateway.authorize_net import AuthorizeNetProvider
 from tally_payment_gateway.provider import ChargeRequest, OneTimeToken, Outcome
 from tally_payment_gateway.settings import PaymentGatewaySettings
+from tally_payment_gateway.testing import Simulator
 
-from .conftest import Notifications, Simulator
+from .conftest import Notifications
 
 
 @pytest.fixture
