@@ -49,33 +49,29 @@ _SECONDS_PER_DAY = 86400.0
 
 @dataclass(frozen=True)
 class Retention:
-    """One table's rule: which rows are past `days` of retention, found oldest first."""
+    """One table's rule: rows whose `stamped` time is older than the retention go, oldest
+    first (in `order`, which an index serves)."""
 
     table: str
     key: str
-    # A condition on the table's rows with $1 = the retention in seconds.
-    expired: str
+    stamped: str
     order: str
 
     def delete_batch_sql(self) -> str:
+        # $1: the retention in seconds; $2: rows per batch. NULL stamps (an outbox row not
+        # yet published) never compare older. A row locked by a transaction in flight is left
+        # for the next run.
         return (
             f"DELETE FROM {self.table} WHERE {self.key} IN ("
-            f"SELECT {self.key} FROM {self.table} WHERE {self.expired} ORDER BY {self.order} LIMIT $2"
-            # A row locked by a transaction in flight is left for the next run.
-            " FOR UPDATE SKIP LOCKED)"
+            f"SELECT {self.key} FROM {self.table}"
+            f" WHERE {self.stamped} < now() - make_interval(secs => $1::double precision)"
+            f" ORDER BY {self.order} LIMIT $2 FOR UPDATE SKIP LOCKED)"
         )
 
 
-OUTBOX = Retention("outbox", "id", "published_at < now() - make_interval(secs => $1::double precision)", "id")
-INBOX = Retention(
-    "inbox", "event_id", "handled_at < now() - make_interval(secs => $1::double precision)", "handled_at"
-)
-IDEMPOTENCY_KEYS = Retention(
-    "idempotency_keys",
-    "request_id",
-    "created_at < now() - make_interval(secs => $1::double precision)",
-    "created_at",
-)
+OUTBOX = Retention("outbox", "id", "published_at", "id")
+INBOX = Retention("inbox", "event_id", "handled_at", "handled_at")
+IDEMPOTENCY_KEYS = Retention("idempotency_keys", "request_id", "created_at", "created_at")
 
 
 class Housekeeping:
