@@ -534,8 +534,9 @@ def _approved(payment: Payment, event: Approved, change: Change) -> Transition:
             notices = (Notice(NoticeKind.VOIDED, change.at),)
         case Operation.REFUND:
             if _refund_recorded(payment, event.provider_reference):
-                # The provider's webhook recorded this refund first: only the call is settled.
-                after = _changed(payment, change, pending=None)
+                # The provider's webhook recorded this refund first: only the call is settled,
+                # and a payment whose call went UNKNOWN shows its refunds again.
+                after = _changed(payment, change, state=_refunded_state(payment, 0), pending=None)
                 notices = ()
             else:
                 refund = RefundRecord(
@@ -765,9 +766,14 @@ def _changed(payment: Payment, change: Change, **fields: object) -> Payment:
 
 
 def _with_refund(payment: Payment, refund: RefundRecord, change: Change) -> Payment:
-    refunded = payment.refunded_minor + refund.amount_minor
-    state = PaymentState.REFUNDED if refunded == payment.captured_minor else PaymentState.PARTIALLY_REFUNDED
+    state = _refunded_state(payment, refund.amount_minor)
     return _changed(payment, change, state=state, refunds=(*payment.refunds, refund), pending=None)
+
+
+def _refunded_state(payment: Payment, more_minor: int) -> PaymentState:
+    """A captured payment's state once `more_minor` is refunded on top of its refunds."""
+    refunded = payment.refunded_minor + more_minor
+    return PaymentState.REFUNDED if refunded == payment.captured_minor else PaymentState.PARTIALLY_REFUNDED
 
 
 def _refund_recorded(payment: Payment, provider_reference: str) -> bool:

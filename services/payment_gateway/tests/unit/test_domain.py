@@ -277,6 +277,17 @@ def test_the_webhook_echo_of_a_refund_made_through_tally_changes_nothing() -> No
     assert echo.audit is None and echo.payment == done.payment
 
 
+def test_an_unknown_refund_answered_with_a_refund_already_recorded_is_no_longer_unknown() -> None:
+    reported = _step(_captured(), ProviderRefunded(uuid4(), "refund-3", 250))
+    started = _step(reported.payment, BeginRefund(uuid4()), minutes=2)
+    unknown = _step(started.payment, OutcomeUnknown(), minutes=3)
+    assert unknown.payment.state is PaymentState.UNKNOWN
+    settled = _step(unknown.payment, Approved("refund-3"), minutes=4)
+    assert settled.payment.state is PaymentState.PARTIALLY_REFUNDED
+    assert settled.payment.pending is None and settled.payment.refunded_minor == 250
+    assert settled.notices == ()
+
+
 def test_a_provider_report_waits_while_a_call_is_in_flight() -> None:
     started = _step(_captured(), BeginRefund(uuid4(), 100))
     with pytest.raises(FailedPrecondition) as busy:
